@@ -1,0 +1,40 @@
+# latent-inpaint: the whole method as one workflow. Rules are thin: each calls one
+# `latent-inpaint` subcommand with the params.yaml sections it depends on, so changing a
+# parameter reruns exactly the rules that read it (Snakemake's params rerun trigger).
+#   snakemake --cores all                                        # tiny CPU run, embedded data
+#   snakemake --cores all --configfile workflow/configs/paper.yaml --config data='{source: DIR}'
+#   snakemake --profile workflow/profiles/slurm                  # the same on a SLURM cluster
+
+import json
+import os
+import sys
+
+from latent_inpaint.config import ConfigError, validate
+from latent_inpaint.tracking import ensure_invocation
+
+configfile: "params.yaml"
+
+try:
+    # An unknown or misspelt key stops the workflow here, named; values become typed, so that
+    # "--config data='{size: 64}'" and params.yaml's 64 count as the same parameter.
+    config.update(validate(config))
+except ConfigError as exc:
+    sys.exit(f"latent-inpaint: parameter error: {exc}")
+
+# One MLflow run per invocation: every job, local or submitted with sbatch, inherits this id.
+ensure_invocation()
+# Tracking settings travel in the environment, not as rule params: they must not rerun stages.
+os.environ["LATENT_INPAINT_TRACKING"] = json.dumps(config["tracking"])
+
+
+def sections(*names):
+    """The given params.yaml sections as JSON, for `--config-json` and as a rerun trigger."""
+    return json.dumps({name: config[name] for name in names}, sort_keys=True)
+
+
+include: "workflow/rules/data.smk"
+
+
+rule all:
+    input:
+        rules.masks.output,

@@ -1,0 +1,157 @@
+"""`latent-inpaint`: one command, a subcommand per pipeline stage.
+
+Every stage reads its hyperparameters from `params.yaml` (plus `--params` overlays and
+`--set section.key=value`); Snakemake rules pass the sections they depend on as `--config-json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, TrackingConfig, build, load_params, section, to_dict
+
+TRACKING_ENV = "LATENT_INPAINT_TRACKING"  # set by the Snakefile: tracking is not a rerun trigger
+
+
+def _params(args) -> dict:
+    return load_params(args.params, args.set, args.config_json)
+
+
+def _tracking(params: dict) -> TrackingConfig:
+    if os.environ.get(TRACKING_ENV):
+        return build(TrackingConfig, json.loads(os.environ[TRACKING_ENV]), f"${TRACKING_ENV}")
+    return section(params, "tracking")
+
+
+def cmd_default_data(args) -> None:
+    from .data.default import build_default_dataset
+
+    # Explicit flags (defaults from params) let the rule depend on these three keys alone.
+    cfg = section(_params(args), "data") if None in (args.count, args.size, args.seed) else None
+    count = args.count if args.count is not None else cfg.default_count
+    size = args.size if args.size is not None else cfg.size
+    seed = args.seed if args.seed is not None else cfg.default_seed
+    paths = build_default_dataset(args.out, count, size, seed)
+    print(f"wrote {len(paths)} images to {args.out}")
+
+
+def cmd_prepare(args) -> None:
+    from .data.default import build_default_dataset
+    from .data.ingest import prepare
+    from .pictures import shard_preview
+    from .tracking import stage_run
+
+    params = _params(args)
+    cfg = section(params, "data")
+    source = Path(args.source or cfg.source)
+    if str(source) == "default":
+        source = Path(args.default_dir)
+        if not source.is_dir():
+            build_default_dataset(source, cfg.default_count, cfg.size, cfg.default_seed)
+    with stage_run("prepare", _tracking(params), {"data": to_dict(cfg)}) as run:
+        start = time.perf_counter()
+        manifest = prepare(cfg, source, Path(args.out), progress=not args.quiet)
+        seconds = time.perf_counter() - start
+        counts = {split: s["images"] for split, s in manifest["splits"].items()}
+        run.log_metrics({
+            "images_found": manifest["found"],
+            "images_written": manifest["written"],
+            "images_skipped": len(manifest["skipped"]),
+            "images_per_s": manifest["found"] / seconds,
+            **{f"images_{split}": n for split, n in counts.items()},
+        })
+        run.log_image(shard_preview(Path(args.out), "train"), "train_samples.png")
+    print(
+        f"{manifest['written']} images sharded into {args.out} "
+        f"({', '.join(f'{k} {v}' for k, v in counts.items())}); "
+        f"{len(manifest['skipped'])} skipped, listed in {Path(args.out) / 'manifest.json'}"
+    )
+    for skip in manifest["skipped"][:10]:
+        print(f"  skipped {skip['path']}: {skip['reason']}")
+
+
+def cmd_masks(args) -> None:
+    from .data.ingest import read_manifest
+    from .masks import write_eval_masks
+    from .tracking import stage_run
+
+    params = _params(args)
+    cfg = section(params, "masks")
+    size = read_manifest(Path(args.shards))["params"]["size"]
+    with stage_run("masks", _tracking(params), {"masks": to_dict(cfg)}) as run:
+        manifest = write_eval_masks(cfg, size, Path(args.shards), Path(args.out))
+        for split, kinds in manifest["splits"].items():
+            run.log_metrics({f"{split}_{kind}_hole_ratio": s["hole_ratio"]["mean"] for kind, s in kinds.items() if s["count"]})
+        run.log_image(Path(args.out) / "masks.png", "masks.png")
+    print(f"evaluation masks written to {args.out} (grid: {Path(args.out) / 'masks.png'})")
+
+
+def cmd_mlflow_ui(args) -> None:
+    from .tracking import UI_ENV, ui_command
+
+    argv = ui_command(_tracking(_params(args)), Path.cwd(), port=args.port)
+    print("starting:", " ".join(argv), flush=True)
+    os.execve(argv[0], argv, {**os.environ, **UI_ENV})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", action="append", metavar="FILE",
+                        help="parameter file; repeat to overlay (default: ./params.yaml)")
+    common.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one parameter, e.g. --set data.size=128")
+    common.add_argument("--config-json", metavar="JSON", help="whole sections as JSON (used by Snakemake rules)")
+    common.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    parser = argparse.ArgumentParser(prog="latent-inpaint", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("default-data", parents=[common], help="build the embedded default dataset")
+    p.add_argument("--out", type=Path, default=Path("data/default"))
+    p.add_argument("--count", type=int, help="images (default: data.default_count)")
+    p.add_argument("--size", type=int, help="shorter side in pixels (default: data.size)")
+    p.add_argument("--seed", type=int, help="crop seed (default: data.default_seed)")
+    p.set_defaults(func=cmd_default_data)
+
+    p = sub.add_parser("prepare", parents=[common], help="images -> train/val/test WebDataset shards")
+    p.add_argument("--source", help="image folder (default: data.source)")
+    p.add_argument("--out", default="data/shards")
+    p.add_argument("--default-dir", default="data/default", help="where the embedded default dataset lives")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("masks", parents=[common], help="fixed evaluation mask sets and masks.png")
+    p.add_argument("--shards", default="data/shards")
+    p.add_argument("--out", default="data/masks")
+    p.set_defaults(func=cmd_masks)
+
+    p = sub.add_parser("mlflow-ui", parents=[common], help="open the tracking store in the MLflow UI on 127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_mlflow_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data.ingest import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ConfigError as exc:
+        print(f"latent-inpaint {args.command}: parameter error: {exc}", file=sys.stderr)
+        return 2
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        print(f"latent-inpaint {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"latent-inpaint {args.command}: interrupted; finished work is kept, rerun to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

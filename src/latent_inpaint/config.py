@@ -1,0 +1,322 @@
+"""Typed, frozen views of `params.yaml`.
+
+`params.yaml` is the single source of every hyperparameter: the dataclasses below declare the
+keys and their types but carry no default values, so a key missing from the file is an error,
+and so is a key the code does not know (a misspelling would otherwise be silently ignored).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A parameter file or override is malformed; the message names the file and the key."""
+
+
+# ---------------------------------------------------------------------------------- sections
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str  # "default" (embedded set built from scikit-image photographs) or a directory
+    layout: str  # folder | places365 | celebahq
+    lists: str | None  # places365: folder of the official file lists; celebahq: split file
+    celebahq_mapping: str | None  # CelebAMask-HQ's CelebA-HQ-to-CelebA-mapping.txt, if used
+    size: int  # output side in pixels (shorter side resized, then centre-cropped)
+    min_side: int  # images whose shorter side is below this are skipped, never upscaled
+    val_fraction: float
+    test_fraction: float
+    split_seed: int
+    shard_size: int  # images per WebDataset tar
+    image_format: str  # png (lossless) | jpg
+    jpeg_quality: int
+    workers: int  # processes used to decode, resize and encode
+    default_count: int  # images in the embedded default dataset
+    default_seed: int
+
+    def __post_init__(self):
+        _check_choice("data.layout", self.layout, ("folder", "places365", "celebahq"))
+        _check_choice("data.image_format", self.image_format, ("png", "jpg"))
+        _check_positive("data.size", self.size)
+        _check_positive("data.shard_size", self.shard_size)
+        _check_positive("data.workers", self.workers)
+        if not 0 <= self.val_fraction + self.test_fraction < 1:
+            raise ConfigError("data.val_fraction + data.test_fraction must lie in [0, 1)")
+        if self.size % 16:
+            raise ConfigError(f"data.size must be a multiple of 16 (the token grid is 1/16), got {self.size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FreeFormConfig:
+    """MAT's free-form generator: rectangles at two scales plus brush strokes."""
+
+    rects_half: int  # up to this many rectangles of side < s/2
+    rects_full: int  # up to this many rectangles of side < s
+    strokes: int  # up to this many brush strokes
+    hole_range: tuple[float, float]  # rejection-sampled into (lo, hi) hole ratio
+
+    def __post_init__(self):
+        lo, hi = self.hole_range
+        if not 0 <= lo < hi <= 1:
+            raise ConfigError(f"hole_range must satisfy 0 <= lo < hi <= 1, got {self.hole_range}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MasksConfig:
+    small: FreeFormConfig
+    large: FreeFormConfig
+    train: FreeFormConfig  # masks drawn on the fly when training the encoder and the decoder
+    box_fraction: float  # side of the centred box as a fraction of the image side
+    seed: int  # evaluation masks are fixed files drawn from this seed
+    splits: tuple[str, ...]  # splits that get fixed evaluation mask sets
+    grid_count: int  # masks per type shown in masks.png
+
+
+@dataclasses.dataclass(frozen=True)
+class VQGANConfig:
+    base_channels: int
+    channel_mult: tuple[int, ...]
+    num_res_blocks: int
+    attn_resolutions: tuple[int, ...]
+    z_channels: int
+    n_embed: int  # codebook size K
+    embed_dim: int  # codebook vector size n_z
+    beta: float  # commitment weight
+    disc_start: int
+    disc_weight: float
+    disc_layers: int
+    perceptual_weight: float
+    codebook_weight: float
+    base_lr: float  # lr = base_lr * batch * GPUs
+    batch_size: int
+    steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    alpha: float  # restrictive conv threshold on the visible fraction (Eq. 3-4)
+    attn_resolutions: tuple[int, ...]
+    lr: float
+    betas: tuple[float, float]
+    batch_size: int
+    steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    mlp_ratio: int
+    dropout: float
+    mask_ratio: tuple[float, float]  # masking ratio drawn from U(lo, hi) during training
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    batch_size: int
+    steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    init_from_vqgan: bool
+    token_noise: float  # fraction of ground-truth tokens replaced at random during training
+    r1_weight: float
+    perceptual_weight: float
+    lr: float
+    betas: tuple[float, float]
+    batch_size: int
+    steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    steps: int  # k
+    temperature: float  # t
+    anneal: float  # s: T_i = t * s**i
+    samples: int
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    fid_images: int
+    diversity_images: int
+    diversity_samples: int
+    batch_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool
+    uri: str | None  # None: MLFLOW_TRACKING_URI, else the embedded store in the working dir
+    experiment: str
+    log_images: bool
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "masks": MasksConfig,
+    "vqgan": VQGANConfig,
+    "encoder": EncoderConfig,
+    "transformer": TransformerConfig,
+    "decoder": DecoderConfig,
+    "sample": SampleConfig,
+    "evaluate": EvaluateConfig,
+    "tracking": TrackingConfig,
+}
+
+
+# ---------------------------------------------------------------------------------- building
+
+
+def _check_choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _check_positive(key: str, value) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be positive, got {value}")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, key)
+    if isinstance(value, str) and hint is not str:
+        # Command lines (snakemake --config, --set) hand nested values over as text.
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key} must have {len(args)} items, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise ConfigError(f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def build(cls: type, values: Any, where: str):
+    """Build dataclass `cls` from a mapping; unknown and missing keys are errors naming them."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)} (known: {', '.join(names)})")
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise ConfigError(f"missing key(s) in {where}: {', '.join(missing)}")
+    return cls(**{n: _coerce(values[n], hints[n], f"{where}.{n}") for n in names})
+
+
+def section(params: Mapping[str, Any], name: str):
+    """The frozen dataclass of one params.yaml section."""
+    if name not in params:
+        raise ConfigError(f"params have no '{name}' section")
+    return build(SECTIONS[name], params[name], name)
+
+
+def validate(params: Mapping[str, Any]) -> dict:
+    """Build every section once, so a bad key fails before any work starts; return the sections
+    as canonical typed data (text from a command line such as "64" becomes 64)."""
+    unknown = sorted(set(params) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section(s): {', '.join(unknown)} (known: {', '.join(SECTIONS)})")
+    return {name: to_dict(section(params, name)) for name in SECTIONS}
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read parameter file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def merge(base: dict, overlay: Mapping, where: str) -> dict:
+    """Deep-merge `overlay` into a copy of `base`. Overlays may only set keys the base has."""
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if base and key not in base:
+            raise ConfigError(f"unknown key '{key}' in {where} (known: {', '.join(map(str, base))})")
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value, f"{where}.{key}")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_assignment(text: str) -> tuple[list[str], Any]:
+    """`data.size=128` -> (['data', 'size'], 128); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    return key.split("."), yaml.safe_load(raw)
+
+
+def load_params(
+    files: list[str | os.PathLike] | None = None,
+    overrides: list[str] = (),
+    config_json: str | None = None,
+) -> dict:
+    """params.yaml, then each overlay file, then a JSON of sections, then `--set` assignments."""
+    files = [Path(f) for f in files] if files else [p for p in [Path("params.yaml")] if p.exists()]
+    if not files and not config_json:
+        raise ConfigError(f"no params.yaml in {Path.cwd()}: run from the project folder or pass --params FILE")
+    params: dict = {}
+    for path in files:
+        params = merge(params, _read_yaml(path), str(path))
+    if config_json:
+        try:
+            sections = json.loads(config_json)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--config-json is not valid JSON: {exc}") from None
+        params = {**params, **sections}  # the JSON carries whole, already merged sections
+    for text in overrides:
+        keys, value = parse_assignment(text)
+        nested: Any = value
+        for key in reversed(keys):
+            nested = {key: nested}
+        params = merge(params, nested, "--set")
+    return params
+
+
+def to_dict(cfg) -> dict:
+    """A dataclass config as plain JSON-able data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))

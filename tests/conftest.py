@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from latent_inpaint.config import load_params, section
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_tracking(tmp_path, monkeypatch):
+    """Tests never write into the project's own MLflow store or inherit a pipeline run."""
+    monkeypatch.delenv("LATENT_INPAINT_INVOCATION", raising=False)
+    monkeypatch.delenv("LATENT_INPAINT_TRACKING", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow-test.db'}")
+
+
+def params(*overrides: str) -> dict:
+    return load_params([REPO / "params.yaml"], list(overrides))
+
+
+def data_config(*overrides: str):
+    return section(params(*overrides), "data")
+
+
+def shared_data(sub: str) -> Path:
+    path = SHARED_DATA / sub
+    if not path.is_dir():
+        pytest.skip(f"real photographs not available here: {path} is missing (see shared/data/README.md)")
+    return path
+
+
+def venv_bin() -> str:
+    """PATH with this interpreter's bin first, so subprocesses find latent-inpaint, snakemake, dvc."""
+    import sys
+
+    return f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"

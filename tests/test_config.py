@@ -1,0 +1,64 @@
+"""params.yaml is the one source of hyperparameters; every bad key is named."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import REPO, params
+from latent_inpaint.config import SECTIONS, ConfigError, build, load_params, section, validate
+
+
+def test_defaults_and_paper_overlay_build_every_section():
+    validate(params())
+    paper = load_params([REPO / "params.yaml", REPO / "workflow/configs/paper.yaml"])
+    validate(paper)
+    assert section(paper, "data").size == 256
+    vq = section(paper, "vqgan")
+    assert (vq.n_embed, vq.embed_dim, vq.channel_mult) == (1024, 256, (1, 1, 2, 2, 4))
+    tf = section(paper, "transformer")
+    assert (tf.n_layer, tf.n_embd, tf.n_head) == (40, 1408, 16)
+    assert section(paper, "tracking") == section(params(), "tracking")  # untouched sections stay
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.sise=64", "unknown key 'sise' in --set.data"),
+        ("data.size=big", "data.size must be int, got 'big'"),
+        ("data.size=40", "data.size must be a multiple of 16"),
+        ("data.layout=lmdb", "data.layout must be one of folder, places365, celebahq"),
+        ("masks.small.hole_range=[0.6, 0.2]", "hole_range must satisfy"),
+        ("transformer.betas=[0.9]", "transformer.betas must have 2 items"),
+        ("nonsense.key=1", "unknown key 'nonsense'"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        validate(params(override))
+
+
+def test_missing_and_unknown_keys_in_a_file(tmp_path):
+    broken = tmp_path / "params.yaml"
+    text = (REPO / "params.yaml").read_text().replace("  shard_size: 32", "  shardsize: 32")
+    broken.write_text(text)
+    with pytest.raises(ConfigError, match="unknown key.*data: shardsize"):
+        validate(load_params([broken]))
+    p = params()
+    del p["vqgan"]["beta"]
+    with pytest.raises(ConfigError, match=r"missing key\(s\) in vqgan: beta"):
+        section(p, "vqgan")
+    with pytest.raises(ConfigError, match="unknown section"):
+        validate({**params(), "extra": {}})
+    (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load_params([tmp_path / "bad.yaml"])
+
+
+def test_configs_are_frozen_and_typed():
+    cfg = section(params(), "data")
+    with pytest.raises(AttributeError):
+        cfg.size = 128
+    assert isinstance(section(params(), "masks").small.hole_range, tuple)
+    assert set(SECTIONS) == set(params())
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        build(SECTIONS["data"], [1, 2], "data")
