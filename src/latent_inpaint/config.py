@@ -83,6 +83,25 @@ class MasksConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The one training loop's settings, shared by every stage."""
+
+    seed: int
+    grad_accum: int  # micro-batches per optimizer step
+    workers: int  # data loader processes per rank
+    precision: str  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    log_every: int  # steps between logged losses
+    checkpoint_every: int  # steps between atomic checkpoints (and at the end)
+    image_every: int  # steps between logged pictures
+    eval_images: int  # validation images for the stage's metric
+
+    def __post_init__(self):
+        _check_choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        for key in ("grad_accum", "log_every", "checkpoint_every", "image_every"):
+            _check_positive(f"train.{key}", getattr(self, key))
+
+
+@dataclasses.dataclass(frozen=True)
 class VQGANConfig:
     base_channels: int
     channel_mult: tuple[int, ...]
@@ -157,6 +176,16 @@ class EvaluateConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class WeightsConfig:
+    """Standard pretrained files, never downloaded at run time. None: the usual cache
+    (torch hub's checkpoints folder); a path; or "stand-in": random weights, labelled as such in
+    every number they produce (for offline smoke runs and tests only)."""
+
+    vgg16: str | None  # torchvision's ImageNet VGG16 (vgg16-397923af.pth), for LPIPS
+    inception: str | None  # the FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrackingConfig:
     enabled: bool
     uri: str | None  # None: MLFLOW_TRACKING_URI, else the embedded store in the working dir
@@ -167,12 +196,14 @@ class TrackingConfig:
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "masks": MasksConfig,
+    "train": TrainConfig,
     "vqgan": VQGANConfig,
     "encoder": EncoderConfig,
     "transformer": TransformerConfig,
     "decoder": DecoderConfig,
     "sample": SampleConfig,
     "evaluate": EvaluateConfig,
+    "weights": WeightsConfig,
     "tracking": TrackingConfig,
 }
 

@@ -1,0 +1,109 @@
+"""Losses shared by the stages: LPIPS, the PatchGAN discriminator, hinge and non-saturating GAN
+terms, taming's adaptive GAN weight, and R1."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16, which LPIPS builds on
+STAND_IN = "stand-in"
+
+
+def hub_checkpoint(filename: str) -> Path:
+    """Where torch.hub caches a downloaded weight file ($TORCH_HOME/hub/checkpoints)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def load_lpips(vgg16: str | None) -> nn.Module:
+    """LPIPS (VGG variant, v0.1 linear heads from the lpips wheel), frozen, in eval mode.
+
+    vgg16: None looks in the torch hub cache; a path names the file; "stand-in" keeps random
+    VGG features (the lpips wheel's linear heads are still real) for offline smoke runs.
+    """
+    import lpips
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's deprecated `pretrained=` inside lpips
+        model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+    if vgg16 != STAND_IN:
+        path = Path(vgg16) if vgg16 else hub_checkpoint(VGG16_FILE)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"LPIPS needs torchvision's ImageNet VGG16 weights ({VGG16_FILE}) and {path} does not exist. "
+                f"Copy the file to {hub_checkpoint(VGG16_FILE)} (where torchvision caches it), or set "
+                "weights.vgg16 in params.yaml to its path (or to 'stand-in' for an offline smoke run)."
+            )
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        # lpips keeps torchvision's layer indices inside five slices: net.slice<k>.<index>.<param>
+        with torch.no_grad():
+            for name, param in model.net.named_parameters():
+                _, index, kind = name.split(".")
+                param.copy_(state[f"features.{index}.{kind}"])
+    model.stand_in = vgg16 == STAND_IN
+    return model.eval().requires_grad_(False)
+
+
+class NLayerDiscriminator(nn.Module):
+    """PatchGAN discriminator (pix2pix), with taming-transformers' parameter names (`main.*`)."""
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2**n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [
+                nn.Conv2d(channels * prev, channels * mult, 4, stride, 1, bias=False),
+                nn.BatchNorm2d(channels * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
+        layers.append(nn.Conv2d(channels * mult, 1, 4, 1, 1))  # one logit per patch
+        self.main = nn.Sequential(*layers)
+        for m in self.modules():  # the DCGAN initialisation taming uses
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x)  # (B, 1, h, w) patch logits
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def nonsaturating_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    return F.softplus(-logits_fake).mean()
+
+
+def nonsaturating_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
+
+
+def r1_penalty(logits_real: torch.Tensor, reals: torch.Tensor) -> torch.Tensor:
+    """R1 = E ||d D(x) / d x||^2 on real images (`reals` must require grad)."""
+    (grad,) = torch.autograd.grad(logits_real.sum(), reals, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()
+
+
+def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, scale: float) -> torch.Tensor:
+    """taming's balance of reconstruction and GAN terms: the ratio of their gradient norms at the
+    decoder's last layer, so neither swamps the other whatever their scales."""
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
+    return torch.clamp(weight, 0.0, 1e4).detach() * scale
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [-1, 1]; (B,)."""
+    mse = ((x - y) / 2).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))

@@ -1,0 +1,63 @@
+"""Loss pieces on hand-made inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from latent_inpaint.losses import (
+    NLayerDiscriminator, adaptive_weight, hinge_d_loss, load_lpips, nonsaturating_d_loss,
+    nonsaturating_g_loss, psnr, r1_penalty,
+)
+
+
+def test_lpips_loads_vgg16_weights_from_a_file_and_explains_a_missing_one(tmp_path):
+    torch.manual_seed(0)
+    features = torchvision.models.vgg16().features.state_dict()
+    path = tmp_path / "vgg16.pth"
+    torch.save({f"features.{k}": v for k, v in features.items()}, path)
+    model = load_lpips(str(path))
+    assert torch.equal(model.net.slice3.state_dict()["10.weight"], features["10.weight"])
+    assert not model.stand_in and not any(p.requires_grad for p in model.parameters())
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert model(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert model(x, -x).item() > 0.01
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth.*weights.vgg16"):
+        load_lpips(str(tmp_path / "absent.pth"))
+    assert load_lpips("stand-in").stand_in  # random VGG features, labelled
+
+
+def test_gan_terms_on_hand_made_logits():
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])
+    # hinge: 0.5 * (mean(relu(1 - [2, .5])) + mean(relu(1 + [-2, 0]))) = 0.5 * (0.25 + 0.5)
+    assert hinge_d_loss(real, fake).item() == pytest.approx(0.375)
+    sp = torch.nn.functional.softplus
+    assert nonsaturating_g_loss(fake).item() == pytest.approx(sp(-fake).mean().item())
+    assert nonsaturating_d_loss(real, fake).item() == pytest.approx((sp(-real).mean() + sp(fake).mean()).item())
+
+
+def test_r1_is_the_squared_input_gradient():
+    x = torch.randn(4, 3, requires_grad=True)
+    w = torch.tensor([1.0, -2.0, 3.0])
+    assert r1_penalty(x @ w, x).item() == pytest.approx(14.0)  # ||w||^2 for every sample
+
+
+def test_adaptive_weight_balances_gradient_norms():
+    layer = torch.nn.Parameter(torch.ones(3))
+    nll = (layer * torch.tensor([3.0, 0.0, 4.0])).sum()  # gradient norm 5
+    g = (layer * torch.tensor([0.0, 1.0, 0.0])).sum()  # gradient norm 1
+    assert adaptive_weight(nll, g, layer, scale=0.8).item() == pytest.approx(0.8 * 5 / (1 + 1e-4))
+
+
+def test_patchgan_has_tamings_layout_and_psnr_is_exact():
+    d = NLayerDiscriminator(n_layers=3)
+    assert [k for k in d.state_dict() if k.endswith("weight")] == [
+        "main.0.weight", "main.2.weight", "main.3.weight", "main.5.weight", "main.6.weight",
+        "main.8.weight", "main.9.weight", "main.11.weight",
+    ]
+    assert d(torch.zeros(2, 3, 64, 64)).shape == (2, 1, 6, 6)
+    x = torch.zeros(2, 3, 4, 4)
+    y = x.clone()
+    y[1] += 0.2  # error 0.1 in [0, 1] units: 20 dB
+    assert psnr(x, y)[1].item() == pytest.approx(20.0, abs=1e-4)
