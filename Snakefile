@@ -33,8 +33,10 @@ def sections(*names):
 
 
 include: "workflow/rules/data.smk"
+include: "workflow/rules/vqgan.smk"
 
 
 rule all:
     input:
         rules.masks.output,
+        rules.tokens.output,

@@ -170,16 +170,21 @@ def test_codebook_starts_uniform_in_plus_minus_one_over_k():
 # ---------------------------------------------------------------------------------- tiny model
 
 
-def test_tiny_config_forward_gives_4x4_tokens_and_sane_images(tiny_cfg):
+def test_tiny_config_forward_gives_8x8_tokens_and_sane_images(tiny_cfg):
     model = tiny_model(tiny_cfg)
-    assert model.factor == 16
+    assert model.factor == 8  # the tiny config is f8: 8x8 tokens at 64 px
     x = images(3)
     xrec, qloss, indices = model(x)
     assert xrec.shape == x.shape
-    assert indices.shape == (3, 4, 4) and indices.dtype == torch.long
+    assert indices.shape == (3, 8, 8) and indices.dtype == torch.long
     assert 0 <= indices.min() and indices.max() < tiny_cfg.n_embed
     assert qloss.ndim == 0 and torch.isfinite(qloss) and qloss > 0
     assert torch.isfinite(xrec).all() and xrec.abs().max() < 10
+
+
+def test_a_size_the_factor_does_not_divide_is_refused(tiny_cfg):
+    with pytest.raises(ValueError, match="image size 60 is not a multiple of the VQGAN's down-sampling factor 8"):
+        VQModel(tiny_cfg, 60)
 
 
 def test_decoding_tokens_equals_decoding_the_quantized_vectors(tiny_cfg):

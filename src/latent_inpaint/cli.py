@@ -91,6 +91,48 @@ def cmd_masks(args) -> None:
     print(f"evaluation masks written to {args.out} (grid: {Path(args.out) / 'masks.png'})")
 
 
+def cmd_train_vqgan(args) -> None:
+    from .data.ingest import read_manifest
+    from .stages.vqgan import VQGANStage
+    from .train import export_final, train
+    from .vqgan import import_taming_checkpoint
+
+    params = _params(args)
+    cfg, train_cfg, weights = (section(params, name) for name in ("vqgan", "train", "weights"))
+    size = read_manifest(Path(args.shards))["params"]["size"]
+    if cfg.pretrained:
+        model = import_taming_checkpoint(cfg.pretrained, cfg, size, trust_pickle=args.trust_pickle)
+        config = {"vqgan": to_dict(cfg), "resolution": size}
+        final = export_final(args.run_dir, "vqgan", config, {"vqgan": model}, source=cfg.pretrained)
+        print(f"imported {cfg.pretrained} into {final}")
+        return
+    stage = VQGANStage(cfg, train_cfg, weights, Path(args.shards), size)
+    sections = {"vqgan": to_dict(cfg), "train": to_dict(train_cfg), "weights": to_dict(weights)}
+    metrics = train(stage, train_cfg, cfg.steps, args.run_dir, _tracking(params), sections, device=args.device)
+    print(f"vqgan trained for {metrics['step']} steps in {args.run_dir}: " +
+          ", ".join(f"{k} {v:.4g}" for k, v in metrics["eval"].items()))
+
+
+def cmd_tokenize(args) -> None:
+    import torch
+
+    from .stages.tokens import tokenize
+    from .stages.vqgan import load_trained_vqgan
+    from .tracking import stage_run
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_trained_vqgan(Path(args.vqgan), device)
+    with stage_run("tokens", _tracking(_params(args)), {}) as run:
+        metrics = tokenize(model, Path(args.shards), Path(args.out), args.batch_size, device)
+        usage = metrics["codebook"]
+        run.log_metrics({"perplexity": usage["perplexity"], "codes_used": usage["codes_used"],
+                         "dead_codes": usage["dead_codes"],
+                         **{f"{s}_images_per_s": m["images_per_s"] for s, m in metrics["splits"].items()}})
+        run.log_dict(metrics, "metrics")
+    print(f"tokens of {sum(m['images'] for m in metrics['splits'].values())} images written to {args.out}; "
+          f"codebook: {usage['codes_used']} of {usage['n_embed']} codes used, perplexity {usage['perplexity']:.1f}")
+
+
 def cmd_mlflow_ui(args) -> None:
     from .tracking import UI_ENV, ui_command
 
@@ -128,6 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", default="data/shards")
     p.add_argument("--out", default="data/masks")
     p.set_defaults(func=cmd_masks)
+
+    p = sub.add_parser("train-vqgan", parents=[common], help="stage 0: train the VQGAN (or import vqgan.pretrained)")
+    p.add_argument("--shards", default="data/shards")
+    p.add_argument("--run-dir", default="runs/vqgan")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the local GPU if any)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow a pickled (Lightning) .ckpt when importing vqgan.pretrained: only for files you trust")
+    p.set_defaults(func=cmd_train_vqgan)
+
+    p = sub.add_parser("tokenize", parents=[common], help="VQGAN tokens of every split, and codebook usage")
+    p.add_argument("--vqgan", default="runs/vqgan/final")
+    p.add_argument("--shards", default="data/shards")
+    p.add_argument("--out", default="data/tokens")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("mlflow-ui", parents=[common], help="open the tracking store in the MLflow UI on 127.0.0.1")
     p.add_argument("--port", type=int, default=5000)

@@ -52,8 +52,6 @@ class DataConfig:
         _check_positive("data.workers", self.workers)
         if not 0 <= self.val_fraction + self.test_fraction < 1:
             raise ConfigError("data.val_fraction + data.test_fraction must lie in [0, 1)")
-        if self.size % 16:
-            raise ConfigError(f"data.size must be a multiple of 16 (the token grid is 1/16), got {self.size}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +101,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class VQGANConfig:
+    pretrained: str | None  # a taming-transformers VQGAN checkpoint to import instead of training
     base_channels: int
     channel_mult: tuple[int, ...]
     num_res_blocks: int
@@ -110,6 +109,7 @@ class VQGANConfig:
     z_channels: int
     n_embed: int  # codebook size K
     embed_dim: int  # codebook vector size n_z
+    codebook_init: str  # uniform (taming) | data (K encoder outputs of the first batch)
     beta: float  # commitment weight
     disc_start: int
     disc_weight: float
@@ -119,6 +119,10 @@ class VQGANConfig:
     base_lr: float  # lr = base_lr * batch * GPUs
     batch_size: int
     steps: int
+
+
+    def __post_init__(self):
+        _check_choice("vqgan.codebook_init", self.codebook_init, ("uniform", "data"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +240,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         try:
             value = yaml.safe_load(value)
         except yaml.YAMLError:
+            pass
+    if hint is float and isinstance(value, str):
+        try:
+            value = float(value)  # YAML 1.1 reads "5e-5" (no dot) as text
+        except ValueError:
             pass
     if origin is tuple:
         if not isinstance(value, (list, tuple)):

@@ -277,6 +277,17 @@ class VectorQuantizer(nn.Module):
         self.embedding = nn.Embedding(n_embed, embed_dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / n_embed, 1.0 / n_embed)
 
+    @torch.no_grad()
+    def init_from_data(self, z: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Codebook := K encoder outputs drawn from z (B, C, h, w). From taming's tiny uniform init,
+        codes move only ~lr per Adam step, so most stay dead and a short run never uses them;
+        starting where the encoder outputs lie puts every code in play from the first step."""
+        flat = z.detach().float().permute(0, 2, 3, 1).reshape(-1, self.embed_dim)  # (B*h*w, C)
+        rows = torch.randperm(flat.shape[0], generator=generator, device="cpu")
+        if flat.shape[0] < self.n_embed:  # fewer vectors than codes: repeat them
+            rows = rows.repeat(-(-self.n_embed // flat.shape[0]))
+        self.embedding.weight.copy_(flat[rows[: self.n_embed].to(flat.device)])
+
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> indices (B, h, w) of the L2-nearest codes."""
         b, c, h, w = z.shape
@@ -313,6 +324,11 @@ class VQModel(nn.Module):
         super().__init__()
         self.cfg, self.resolution = cfg, resolution
         self.factor = 2 ** (len(cfg.channel_mult) - 1)  # image side / token grid side
+        if resolution % self.factor:
+            raise ValueError(
+                f"image size {resolution} is not a multiple of the VQGAN's down-sampling factor {self.factor} "
+                f"(len(vqgan.channel_mult) - 1 halvings): change data.size or vqgan.channel_mult"
+            )
         layout = dict(
             base_channels=cfg.base_channels,
             channel_mult=tuple(cfg.channel_mult),

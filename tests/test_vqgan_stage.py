@@ -1,0 +1,134 @@
+"""Stage 0 end to end on the embedded data: training helps, a killed run resumes, DDP agrees,
+an imported taming checkpoint tokenizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import REPO, data_config, params, venv_bin
+from latent_inpaint.config import section
+from latent_inpaint.data.default import build_default_dataset
+from latent_inpaint.data.ingest import prepare
+from latent_inpaint.data.loader import image_loader
+from latent_inpaint.stages.vqgan import VQGANStage
+from latent_inpaint.train import train
+from latent_inpaint.vqgan import VQModel
+
+SIZE = 32
+TINY = [
+    f"data.size={SIZE}", "data.shard_size=8", "data.workers=1", "vqgan.batch_size=8", "train.workers=0",
+    "train.log_every=5", "train.eval_images=16", "tracking.enabled=false",
+]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("vq")
+    build_default_dataset(root / "images", count=48, size=SIZE, seed=0)
+    prepare(data_config(*TINY), root / "images", root / "shards", progress=False)
+    return root / "shards"
+
+
+def test_training_lowers_the_reconstruction_error(shards, tmp_path):
+    """150 steps (the GAN joins at 120) cut the L1 reconstruction error of a fixed batch of training
+    images by at least 1.6x (measured: 0.52 -> 0.29 without the GAN). The val split of 48 crops
+    is too small to generalise to, so it is reported, not asserted."""
+    p = params(*TINY, "vqgan.steps=150", "vqgan.disc_start=120", "train.checkpoint_every=1000")
+    torch.manual_seed(0)
+    stage = VQGANStage(section(p, "vqgan"), section(p, "train"), section(p, "weights"), shards, SIZE)
+    x = next(iter(image_loader(shards, "train", 16, workers=0, shuffle=False)))["image"]
+
+    def l1() -> float:
+        with torch.no_grad():
+            return (x - stage.modules["vqgan"].eval()(x)[0]).abs().mean().item()
+
+    stage._init_codebook(stage.modules["vqgan"], x)  # what step 0 does, so "before" is fair
+    before = l1()
+    metrics = train(stage, section(p, "train"), 150, tmp_path / "run", section(p, "tracking"), {}, device="cpu")
+    after = l1()
+    assert after < before / 1.6, (before, after)
+    assert {"d_loss", "g_loss", "d_weight"} <= set(metrics["train"])  # the discriminator took part
+    assert metrics["eval"]["val_codes_used"] >= 8 and "val_psnr" in metrics["eval"]
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "latent_inpaint.cli", *args, "--params", str(REPO / "params.yaml"),
+            *[a for s in TINY for a in ("--set", s)]]
+
+
+def env() -> dict:
+    return {**os.environ, "PATH": venv_bin(), "PYTHONUNBUFFERED": "1"}
+
+
+def test_sigkill_part_way_then_the_same_command_resumes(shards, tmp_path):
+    cmd = cli("train-vqgan", "--quiet", "--shards", str(shards), "--run-dir", str(tmp_path / "run"), "--device", "cpu",
+              "--set", "vqgan.steps=40", "--set", "train.checkpoint_every=10")
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    checkpoint = tmp_path / "run" / "checkpoint" / "config.json"
+    deadline = time.monotonic() + 120
+    while not checkpoint.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(checkpoint.read_text())["step"]
+    assert 0 < killed_at < 40
+
+    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    final = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert final["step"] == 40 and final["resumed_from"][0] >= killed_at
+
+
+def test_ddp_with_two_cpu_processes_keeps_identical_weights(shards, tmp_path):
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "latent_inpaint.cli", *cli(
+        "train-vqgan", "--quiet", "--shards", str(shards), "--run-dir", str(tmp_path / "run"), "--device", "cpu",
+        "--set", "vqgan.steps=6", "--set", "vqgan.disc_start=3", "--set", "vqgan.batch_size=4",
+    )[3:]]
+    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    final = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert final["world_size"] == 2 and len(final["rank_digests"]) == 2
+    assert final["rank_digests"][0] == final["rank_digests"][1]
+
+
+def test_an_imported_taming_checkpoint_becomes_the_stage_output_and_tokenizes(shards, tmp_path):
+    cfg = section(params(*TINY), "vqgan")
+    torch.manual_seed(1)
+    model = VQModel(cfg, SIZE)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["loss.logvar"] = torch.zeros(())  # taming's loss keys ride along and are dropped
+    ckpt = tmp_path / "taming.safetensors"
+    save_file(state, str(ckpt))
+    run = subprocess.run(cli("train-vqgan", "--shards", str(shards), "--run-dir", str(tmp_path / "run"),
+                             "--set", f"vqgan.pretrained={ckpt}"), env=env(), capture_output=True, text=True,
+                         check=False)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "run/final/config.json").read_text())["imported_from"] == str(ckpt)
+    tok = subprocess.run(cli("tokenize", "--vqgan", str(tmp_path / "run/final"), "--shards", str(shards),
+                             "--out", str(tmp_path / "tokens")), env=env(), capture_output=True, text=True,
+                         check=False)
+    assert tok.returncode == 0, tok.stderr
+    assert "codebook:" in tok.stdout
+    tokens = np.load(tmp_path / "tokens" / "val.npy")
+    batch = next(iter(image_loader(shards, "val", 4, workers=0, shuffle=False, drop_last=False)))
+    assert np.array_equal(tokens[:4], model.tokenize(batch["image"]).numpy())
+
+    broken = {k: v for k, v in state.items() if not k.startswith("decoder.conv_out")}
+    save_file(broken, str(tmp_path / "broken.safetensors"))
+    bad = subprocess.run(cli("train-vqgan", "--shards", str(shards), "--run-dir", str(tmp_path / "run2"),
+                             "--set", f"vqgan.pretrained={tmp_path / 'broken.safetensors'}"), env=env(),
+                         capture_output=True, text=True, check=False)
+    assert bad.returncode == 1 and "decoder.conv_out.weight" in bad.stderr and "Traceback" not in bad.stderr
