@@ -126,6 +126,11 @@ def test_an_imported_taming_checkpoint_becomes_the_stage_output_and_tokenizes(sh
     batch = next(iter(image_loader(shards, "val", 4, workers=0, shuffle=False, drop_last=False)))
     assert np.array_equal(tokens[:4], model.tokenize(batch["image"]).numpy())
 
+    direct = subprocess.run(cli("import-vqgan", str(ckpt), "--run-dir", str(tmp_path / "run3"), "--size", str(SIZE)),
+                            env=env(), capture_output=True, text=True, check=False)
+    assert direct.returncode == 0, direct.stderr
+    assert (tmp_path / "run3/final/vqgan.safetensors").read_bytes() == (tmp_path / "run/final/vqgan.safetensors").read_bytes()
+
     broken = {k: v for k, v in state.items() if not k.startswith("decoder.conv_out")}
     save_file(broken, str(tmp_path / "broken.safetensors"))
     bad = subprocess.run(cli("train-vqgan", "--shards", str(shards), "--run-dir", str(tmp_path / "run2"),

@@ -94,23 +94,37 @@ def cmd_masks(args) -> None:
 def cmd_train_vqgan(args) -> None:
     from .data.ingest import read_manifest
     from .stages.vqgan import VQGANStage
-    from .train import export_final, train
-    from .vqgan import import_taming_checkpoint
+    from .train import train
 
     params = _params(args)
     cfg, train_cfg, weights = (section(params, name) for name in ("vqgan", "train", "weights"))
     size = read_manifest(Path(args.shards))["params"]["size"]
     if cfg.pretrained:
-        model = import_taming_checkpoint(cfg.pretrained, cfg, size, trust_pickle=args.trust_pickle)
-        config = {"vqgan": to_dict(cfg), "resolution": size}
-        final = export_final(args.run_dir, "vqgan", config, {"vqgan": model}, source=cfg.pretrained)
-        print(f"imported {cfg.pretrained} into {final}")
+        _import_vqgan(cfg.pretrained, cfg, size, args.run_dir, args.trust_pickle)
         return
     stage = VQGANStage(cfg, train_cfg, weights, Path(args.shards), size)
     sections = {"vqgan": to_dict(cfg), "train": to_dict(train_cfg), "weights": to_dict(weights)}
     metrics = train(stage, train_cfg, cfg.steps, args.run_dir, _tracking(params), sections, device=args.device)
     print(f"vqgan trained for {metrics['step']} steps in {args.run_dir}: " +
           ", ".join(f"{k} {v:.4g}" for k, v in metrics["eval"].items()))
+
+
+def _import_vqgan(checkpoint: str, cfg, size: int, run_dir: str, trust_pickle: bool) -> None:
+    from .train import export_final
+    from .vqgan import import_taming_checkpoint
+
+    model = import_taming_checkpoint(checkpoint, cfg, size, trust_pickle=trust_pickle)
+    config = {"vqgan": to_dict(cfg), "resolution": size}
+    final = export_final(run_dir, "vqgan", config, {"vqgan": model}, source=str(checkpoint))
+    print(f"imported {checkpoint} into {final}: tokenize with `latent-inpaint tokenize --vqgan {final}`")
+
+
+def cmd_import_vqgan(args) -> None:
+    """A taming-transformers VQGAN as this project's stage-0 output; the architecture comes from
+    the vqgan section (the paper overlay matches taming's f16 ImageNet/OpenImages models)."""
+    params = _params(args)
+    size = args.size or section(params, "data").size
+    _import_vqgan(args.checkpoint, section(params, "vqgan"), size, args.run_dir, args.trust_pickle)
 
 
 def cmd_tokenize(args) -> None:
@@ -178,6 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow a pickled (Lightning) .ckpt when importing vqgan.pretrained: only for files you trust")
     p.set_defaults(func=cmd_train_vqgan)
+
+    p = sub.add_parser("import-vqgan", parents=[common],
+                       help="load a taming-transformers VQGAN checkpoint strictly and write it as runs/vqgan/final")
+    p.add_argument("checkpoint", help="taming .ckpt (with a state_dict) or .safetensors")
+    p.add_argument("--run-dir", default="runs/vqgan")
+    p.add_argument("--size", type=int, help="image size the model serves (default: data.size)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow a pickled (Lightning) .ckpt: only for files you trust")
+    p.set_defaults(func=cmd_import_vqgan)
 
     p = sub.add_parser("tokenize", parents=[common], help="VQGAN tokens of every split, and codebook usage")
     p.add_argument("--vqgan", default="runs/vqgan/final")
