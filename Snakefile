@@ -34,9 +34,12 @@ def sections(*names):
 
 include: "workflow/rules/data.smk"
 include: "workflow/rules/vqgan.smk"
+include: "workflow/rules/models.smk"
 
 
 rule all:
     input:
         rules.masks.output,
         rules.tokens.output,
+        rules.encoder.output,
+        rules.transformer.output,

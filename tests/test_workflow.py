@@ -20,6 +20,8 @@ TINY = {
     "masks": {"grid_count": 4},
     "train": {"workers": 0, "eval_images": 4, "checkpoint_every": 4},
     "vqgan": {"steps": 6, "batch_size": 4, "disc_start": 3},
+    "encoder": {"steps": 4, "batch_size": 4},
+    "transformer": {"steps": 4, "batch_size": 4},
 }
 
 
@@ -30,7 +32,7 @@ def make_project(dest: Path) -> Path:
         src = REPO / name
         if src.is_dir():
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns(
-                "__pycache__", "tmp", "cache", "default", "shards", "masks", "tokens", "vqgan"))
+                "__pycache__", "tmp", "cache", "default", "shards", "masks", "tokens", "vqgan", "encoder", "transformer"))
         else:
             shutil.copy2(src, dest / name)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -71,7 +73,9 @@ def test_snakemake_runs_tracks_and_reruns_only_what_changed(tmp_path):
     manifest = yaml.safe_load((project / "data/shards/manifest.json").read_text())
     assert manifest["written"] == 24
     assert (project / "data/masks/masks.png").is_file()
-    assert (project / "data/tokens/train.npy").is_file() and (project / "runs/vqgan/final/config.json").is_file()
+    assert (project / "data/tokens/train.npy").is_file()
+    for stage in ("vqgan", "encoder", "transformer"):
+        assert (project / f"runs/{stage}/final/config.json").is_file()
 
     from mlflow.tracking import MlflowClient
 
@@ -87,18 +91,28 @@ def test_snakemake_runs_tracks_and_reruns_only_what_changed(tmp_path):
     shards_before = digests(project, "data/shards")
     prepared_at = (project / "data/shards/manifest.json").stat().st_mtime_ns
 
-    set_param(project, "sample", "temperature", 0.5)  # read by no data rule
+    set_param(project, "sample", "temperature", 0.5)  # read by no training rule
     assert "Nothing to be done" in sh(project, "snakemake", "--cores", "2").stdout
 
     set_param(project, "masks", "seed", 7)
     plan = sh(project, "snakemake", "--cores", "2", "--dry-run").stdout
     assert "rule masks" in plan
-    assert not any(f"rule {r}" in plan for r in ("default_data", "prepare", "vqgan", "tokens"))
+    assert not any(f"rule {r}" in plan for r in ("default_data", "prepare", "vqgan", "tokens", "transformer"))
+    assert "rule encoder" in plan  # trains under masks.train: a mask parameter retrains it
     masks_before = digests(project, "data/masks")
     sh(project, "snakemake", "--cores", "2")
     assert (project / "data/shards/manifest.json").stat().st_mtime_ns == prepared_at
     assert digests(project, "data/shards") == shards_before
     assert digests(project, "data/masks") != masks_before
+
+    # A new learning rate retrains the transformer alone, from scratch; the old run is kept aside.
+    set_param(project, "transformer", "lr", 1.0e-3)
+    plan = sh(project, "snakemake", "--cores", "2", "--dry-run").stdout
+    assert "rule transformer" in plan and "rule encoder" not in plan and "rule vqgan" not in plan
+    sh(project, "snakemake", "--cores", "2")
+    final = yaml.safe_load((project / "runs/transformer/final/config.json").read_text())
+    assert final["config"]["transformer"]["lr"] == 1.0e-3 and final["resumed_from"] == []
+    assert (project / "runs/transformer/previous/checkpoint/config.json").is_file()
 
     bad = sh(project, "snakemake", "--cores", "2", "--config", "data={sise: 3}", ok=False)
     assert bad.returncode != 0 and "unknown key(s) in data: sise" in bad.stdout
@@ -109,7 +123,8 @@ def test_dvc_push_delete_pull_restores_the_same_bytes(tmp_path):
     sh(project, "git", "init", "-q")
     sh(project, "dvc", "repro")
     assert (project / "dvc.lock").is_file()
-    artifacts = ("data/default", "data/shards", "data/masks", "runs/vqgan", "data/tokens")
+    artifacts = ("data/default", "data/shards", "data/masks", "runs/vqgan", "data/tokens", "runs/encoder",
+                 "runs/transformer")
     before = digests(project, *artifacts)
     assert len(before) > 30
 

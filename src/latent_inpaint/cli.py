@@ -16,6 +16,8 @@ from pathlib import Path
 from .config import ConfigError, TrackingConfig, build, load_params, section, to_dict
 
 TRACKING_ENV = "LATENT_INPAINT_TRACKING"  # set by the Snakefile: tracking is not a rerun trigger
+RESTART_HELP = ("if the run folder holds a run of other parameters, move it to <run-dir>/previous/ and train "
+                "afresh (default: refuse, naming the differences)")
 
 
 def _params(args) -> dict:
@@ -104,7 +106,8 @@ def cmd_train_vqgan(args) -> None:
         return
     stage = VQGANStage(cfg, train_cfg, weights, Path(args.shards), size)
     sections = {"vqgan": to_dict(cfg), "train": to_dict(train_cfg), "weights": to_dict(weights)}
-    metrics = train(stage, train_cfg, cfg.steps, args.run_dir, _tracking(params), sections, device=args.device)
+    metrics = train(stage, train_cfg, cfg.steps, args.run_dir, _tracking(params), sections, device=args.device,
+                    restart_on_change=args.restart_on_change)
     print(f"vqgan trained for {metrics['step']} steps in {args.run_dir}: " +
           ", ".join(f"{k} {v:.4g}" for k, v in metrics["eval"].items()))
 
@@ -127,14 +130,18 @@ def cmd_import_vqgan(args) -> None:
     _import_vqgan(args.checkpoint, section(params, "vqgan"), size, args.run_dir, args.trust_pickle)
 
 
-def cmd_tokenize(args) -> None:
+def _device(name: str | None):
     import torch
 
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def cmd_tokenize(args) -> None:
     from .stages.tokens import tokenize
     from .stages.vqgan import load_trained_vqgan
     from .tracking import stage_run
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     model = load_trained_vqgan(Path(args.vqgan), device)
     with stage_run("tokens", _tracking(_params(args)), {}) as run:
         metrics = tokenize(model, Path(args.shards), Path(args.out), args.batch_size, device)
@@ -145,6 +152,56 @@ def cmd_tokenize(args) -> None:
         run.log_dict(metrics, "metrics")
     print(f"tokens of {sum(m['images'] for m in metrics['splits'].values())} images written to {args.out}; "
           f"codebook: {usage['codes_used']} of {usage['n_embed']} codes used, perplexity {usage['perplexity']:.1f}")
+
+
+def cmd_train_encoder(args) -> None:
+    from .data.ingest import read_manifest
+    from .stages.encoder import EncoderStage
+    from .stages.vqgan import saved_vqgan_config
+    from .train import train
+
+    params = _params(args)
+    cfg, masks, train_cfg = (section(params, name) for name in ("encoder", "masks", "train"))
+    vq = saved_vqgan_config(Path(args.vqgan))
+    size = read_manifest(Path(args.shards))["params"]["size"]
+    stage = EncoderStage(args.kind, vq, cfg, masks, train_cfg, Path(args.shards), Path(args.tokens), size)
+    sections = {"encoder": to_dict(cfg), "masks": to_dict(masks), "train": to_dict(train_cfg)}
+    metrics = train(stage, train_cfg, cfg.steps, args.run_dir, _tracking(params), sections, device=args.device,
+                    restart_on_change=args.restart_on_change)
+    print(f"{stage.name} trained for {metrics['step']} steps in {args.run_dir}: " +
+          ", ".join(f"{k} {v:.4g}" for k, v in metrics["eval"].items()))
+
+
+def cmd_train_transformer(args) -> None:
+    from .stages.transformer import TransformerStage
+    from .stages.vqgan import load_trained_vqgan
+    from .train import train
+
+    params = _params(args)
+    cfg, train_cfg = section(params, "transformer"), section(params, "train")
+    codebook = load_trained_vqgan(Path(args.vqgan), "cpu").quantize.embedding.weight.detach()
+    stage = TransformerStage(cfg, train_cfg, codebook, Path(args.tokens))
+    sections = {"transformer": to_dict(cfg), "train": to_dict(train_cfg)}
+    metrics = train(stage, train_cfg, cfg.steps, args.run_dir, _tracking(params), sections, device=args.device,
+                    restart_on_change=args.restart_on_change)
+    print(f"transformer trained for {metrics['step']} steps in {args.run_dir}: " +
+          ", ".join(f"{k} {v:.4g}" for k, v in metrics["eval"].items()))
+
+
+def cmd_figure_alpha(args) -> None:
+    """The paper's Figure 3: one mask and its token masks for several alpha."""
+    from .masks import eval_mask, load_mask
+    from .pictures import token_mask_figure
+
+    params = _params(args)
+    if args.mask:
+        mask = load_mask(args.mask, hole_is_white=not args.white_is_visible)
+    else:
+        mask = eval_mask(args.kind, args.size or section(params, "data").size, section(params, "masks"), "val", args.index)
+    factor = args.factor or 2 ** (len(section(params, "vqgan").channel_mult) - 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    token_mask_figure(mask, alphas=tuple(args.alphas), factor=factor).save(args.out)
+    print(f"wrote {args.out}")
 
 
 def cmd_mlflow_ui(args) -> None:
@@ -191,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the local GPU if any)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow a pickled (Lightning) .ckpt when importing vqgan.pretrained: only for files you trust")
+    p.add_argument("--restart-on-change", action="store_true", help=RESTART_HELP)
     p.set_defaults(func=cmd_train_vqgan)
 
     p = sub.add_parser("import-vqgan", parents=[common],
@@ -210,6 +268,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.set_defaults(func=cmd_tokenize)
 
+    p = sub.add_parser("train-encoder", parents=[common], help="stage 1: the restrictive (or vanilla) encoder")
+    p.add_argument("--kind", choices=["restrictive", "vanilla"], default="restrictive")
+    p.add_argument("--vqgan", default="runs/vqgan/final")
+    p.add_argument("--shards", default="data/shards")
+    p.add_argument("--tokens", default="data/tokens")
+    p.add_argument("--run-dir", default="runs/encoder")
+    p.add_argument("--device")
+    p.add_argument("--restart-on-change", action="store_true", help=RESTART_HELP)
+    p.set_defaults(func=cmd_train_encoder)
+
+    p = sub.add_parser("train-transformer", parents=[common], help="stage 2: the bidirectional transformer")
+    p.add_argument("--vqgan", default="runs/vqgan/final", help="its codebook feeds the transformer")
+    p.add_argument("--tokens", default="data/tokens")
+    p.add_argument("--run-dir", default="runs/transformer")
+    p.add_argument("--device")
+    p.add_argument("--restart-on-change", action="store_true", help=RESTART_HELP)
+    p.set_defaults(func=cmd_train_transformer)
+
+    p = sub.add_parser("figure-alpha", parents=[common], help="Figure 3: a mask and its token masks per alpha")
+    p.add_argument("--mask", help="a mask file (default: a fixed evaluation mask)")
+    p.add_argument("--white-is-visible", action="store_true", help="the mask file paints the visible part white")
+    p.add_argument("--kind", choices=["small", "large", "box"], default="large")
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--size", type=int)
+    p.add_argument("--factor", type=int, help="image side / token grid side (default: the VQGAN's)")
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--out", default="results/figure3.png")
+    p.set_defaults(func=cmd_figure_alpha)
+
     p = sub.add_parser("mlflow-ui", parents=[common], help="open the tracking store in the MLflow UI on 127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_mlflow_ui)
@@ -225,8 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"latent-inpaint {args.command}: parameter error: {exc}", file=sys.stderr)
         return 2
-    except (DataError, ValueError, FileNotFoundError) as exc:
+    except (DataError, ValueError, OSError, RuntimeError) as exc:
+        if os.environ.get("LATENT_INPAINT_DEBUG"):
+            raise
         print(f"latent-inpaint {args.command}: error: {exc}", file=sys.stderr)
+        print("  (set LATENT_INPAINT_DEBUG=1 for the full traceback)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"latent-inpaint {args.command}: interrupted; finished work is kept, rerun to resume", file=sys.stderr)

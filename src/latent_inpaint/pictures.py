@@ -6,7 +6,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from .data.images import decode
 
@@ -38,3 +38,52 @@ def shard_preview(shards_dir: Path, split: str, count: int = 16, cols: int = 8) 
                     if len(images) == count:
                         return grid(images, cols)
     return grid(images, cols)
+
+
+FIGURE_PANEL = 256  # token_mask_figure scales each panel up by a whole factor towards this side
+TOKEN_WHITE = (255, 255, 255)  # every pixel of the cell visible, token visible
+TOKEN_RED = (255, 0, 0)  # some pixels of the cell masked, token still visible at this alpha
+TOKEN_GREY = (128, 128, 128)  # token masked: left to the transformer
+TOKEN_LINE = (200, 200, 200)
+FIGURE_PAD, FIGURE_BACKGROUND = 4, 96  # dark gaps, so white panels keep their edges
+
+
+def token_mask_figure(
+    mask: np.ndarray, alphas: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0), *, factor: int
+) -> Image.Image:
+    """The paper's Figure 3: how the pixel mask (H, W), 1 = visible, becomes a token mask M̂ at
+    each alpha. One row per alpha: its label, the pixel mask (white visible, black hole), and the
+    token grid: white where the token and all its pixels are visible, red where the token stays
+    visible although some of its pixels are masked, grey where the token is masked."""
+    import torch
+
+    from .partial_conv import token_mask
+
+    m = np.asarray(mask) > 0.5
+    if m.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got shape {m.shape}")
+    height, width = m.shape
+    if height % factor or width % factor:
+        raise ValueError(f"mask {height}x{width} is not divisible by the token factor {factor}")
+    h, w = height // factor, width // factor
+    scale = max(1, FIGURE_PANEL // max(height, width))
+    cell = factor * scale
+    cell_visible = m.reshape(h, factor, w, factor).all(axis=(1, 3))  # (h, w)
+    pixels = np.repeat(np.repeat(np.where(m, 255, 0).astype(np.uint8), scale, 0), scale, 1)
+
+    tiles = []
+    for alpha in alphas:
+        kept = token_mask(torch.from_numpy(m).float()[None, None], alpha, factor)[0, 0].numpy() > 0.5  # (h, w)
+        colours = np.empty((h, w, 3), np.uint8)
+        colours[:] = TOKEN_GREY
+        colours[kept & cell_visible] = TOKEN_WHITE
+        colours[kept & ~cell_visible] = TOKEN_RED
+        tokens = np.repeat(np.repeat(colours, cell, 0), cell, 1)
+        if cell >= 8:
+            tokens[::cell, :] = TOKEN_LINE
+            tokens[:, ::cell] = TOKEN_LINE
+        label = Image.new("RGB", (width * scale, height * scale), TOKEN_WHITE)
+        text = f"alpha = {alpha:g}\n{int(kept.sum())}/{h * w} tokens visible\n{int((kept & ~cell_visible).sum())} red"
+        ImageDraw.Draw(label).multiline_text((6, 6), text, fill=(0, 0, 0), font=ImageFont.load_default())
+        tiles += [np.asarray(label), pixels, tokens]
+    return grid(tiles, cols=3, pad=FIGURE_PAD, background=FIGURE_BACKGROUND)

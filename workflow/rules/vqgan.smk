@@ -18,7 +18,7 @@ rule vqgan:
         runtime=2880,
         gpu=1,
     shell:
-        "latent-inpaint train-vqgan --quiet --config-json {params.cfg:q}"
+        "latent-inpaint train-vqgan --quiet --restart-on-change --config-json {params.cfg:q}"
         " --shards data/shards --run-dir runs/vqgan 2>&1 | tee {log}"
 
 

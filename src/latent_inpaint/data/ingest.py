@@ -298,6 +298,12 @@ def read_manifest(shards_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def shards_fingerprint(shards_dir: Path) -> str:
+    """A digest of the shards' contents (their checksums), which changes exactly when the data does."""
+    splits = read_manifest(shards_dir)["splits"]
+    return hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()
+
+
 def shard_paths(shards_dir: Path, split: str) -> list[Path]:
     manifest = read_manifest(shards_dir)
     if split not in manifest["splits"]:

@@ -16,7 +16,7 @@ import torch
 
 from ..data.ingest import SPLITS, read_manifest, split_keys
 from ..data.loader import image_loader
-from ..files import atomic_write
+from ..files import atomic_write, sha256_file
 from ..vqgan import VQModel
 
 
@@ -78,6 +78,11 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array)
     return buf.getvalue()
+
+
+def tokens_fingerprint(tokens_dir: Path) -> str:
+    """A digest of the train and val token arrays: a stage trained on other tokens is another run."""
+    return "-".join(sha256_file(Path(tokens_dir) / f"{split}.npy")[:16] for split in ("train", "val"))
 
 
 def load_tokens(tokens_dir: Path, split: str) -> tuple[np.ndarray, list[str]]:

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig, VQGANConfig, WeightsConfig, build, to_dict
+from ..data.ingest import shards_fingerprint
 from ..data.loader import image_loader
 from ..losses import NLayerDiscriminator, adaptive_weight, hinge_d_loss, load_lpips, psnr
 from ..pictures import grid
-from ..train import load_stage_weights, scaled_lr, unwrap
+from ..train import load_stage_weights, loop_settings, scaled_lr, unwrap
 from ..vqgan import VQModel
 
 
@@ -22,13 +23,22 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
-def load_trained_vqgan(final_dir: Path, device: torch.device) -> VQModel:
-    """The VQGAN of a stage's final/ folder (trained or imported), built from the config saved with it."""
+def _saved(final_dir: Path) -> tuple[VQGANConfig, int]:
     path = Path(final_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: train the VQGAN first (`latent-inpaint train-vqgan`)")
     saved = json.loads(path.read_text())["config"]
-    model = VQModel(build(VQGANConfig, saved["vqgan"], f"{path}: vqgan"), saved["resolution"])
+    return build(VQGANConfig, saved["vqgan"], f"{path}: vqgan"), saved["resolution"]
+
+
+def saved_vqgan_config(final_dir: Path) -> VQGANConfig:
+    """The configuration the VQGAN of a final/ folder was built with (later stages mirror it)."""
+    return _saved(final_dir)[0]
+
+
+def load_trained_vqgan(final_dir: Path, device: torch.device) -> VQModel:
+    """The VQGAN of a stage's final/ folder (trained or imported), built from the config saved with it."""
+    model = VQModel(*_saved(final_dir))
     load_stage_weights(final_dir, {"vqgan": model}, device=device)
     return model.to(device).eval()
 
@@ -50,7 +60,8 @@ class VQGANStage:
         self._codebook_ready = False
 
     def config(self) -> dict:
-        return {"vqgan": to_dict(self.cfg), "resolution": self.size}
+        return {"vqgan": to_dict(self.cfg), "resolution": self.size, "train": loop_settings(self.train_cfg),
+                "data": shards_fingerprint(self.shards_dir)}
 
     def optimizers(self, modules) -> dict[str, torch.optim.Optimizer]:
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1

@@ -80,6 +80,7 @@ from ..files import atomic_write, sha256_file
 from ..tracking import stage_run
 from .distributed import Distributed, unwrap
 
+PREVIOUS = "previous"
 CHECKPOINT = "checkpoint"
 FINAL = "final"
 CONFIG = "config.json"
@@ -140,6 +141,12 @@ class Stage(Protocol):
         whose config differs is never resumed."""
 
 
+def loop_settings(cfg: TrainConfig) -> dict:
+    """The train settings that change what a run learns (not how often it logs or saves), for a
+    stage's config(): a run is resumed only under the same ones."""
+    return {"seed": cfg.seed, "grad_accum": cfg.grad_accum, "precision": cfg.precision}
+
+
 def scaled_lr(base_lr: float, batch_size: int, world_size: int, grad_accum: int = 1) -> float:
     """taming-transformers' rule for the VQGAN: lr = base_lr x batch size x GPUs x accumulation,
     i.e. base_lr per image of the effective batch (4.5e-6 x 12 x 8 = 4.32e-4 in its configs).
@@ -174,15 +181,23 @@ def train(
     params: Mapping[str, Any],
     *,
     device: str | torch.device | None = None,
+    restart_on_change: bool = False,
 ) -> dict:
     """Train `stage` for `steps` optimizer steps in `run_dir`, resuming from its checkpoint;
     return the final metrics (those of metrics.json). Rank 0 logs to `tracking` under
     `stage.name`, with `params` as the run's parameters. `device` None: the local GPU if any,
-    else the CPU. A run folder whose final/ already holds `steps` steps returns at once."""
+    else the CPU. A run folder whose final/ already holds `steps` steps returns at once.
+
+    A run folder trained with another `stage.config()` is an error, unless `restart_on_change`
+    (what the pipeline's rules use: they rerun a stage because its parameters changed): then its
+    checkpoint, final/ and metrics move to <run_dir>/previous/ and training starts afresh."""
     run_dir = Path(run_dir)
     d = Distributed.start(device)
     try:
         with _exclusive(run_dir, d):
+            if restart_on_change and d.main:
+                _set_aside_if_changed(run_dir, stage.name, _jsonable(stage.config(), f"{stage.name} config()"))
+            d.barrier()
             return _train(stage, cfg, steps, run_dir, tracking, params, d)
     finally:
         d.close()
@@ -678,7 +693,9 @@ def _check_same(saved: dict, stage_name: str, config: dict, where: Path) -> None
         )
     old, new = _flatten(saved["config"]), _flatten(config)
     missing = object()
-    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, missing) != new.get(k, missing))
+    # A step count never identifies a model: asking for more steps continues the run.
+    keys = sorted(k for k in old.keys() | new.keys()
+                  if old.get(k, missing) != new.get(k, missing) and k.rsplit(".", 1)[-1] != "steps")
     if keys:
         diffs = "; ".join(f"{k}: saved {old.get(k, '(absent)')!r}, now {new.get(k, '(absent)')!r}" for k in keys)
         raise CheckpointMismatch(
@@ -686,6 +703,25 @@ def _check_same(saved: dict, stage_name: str, config: dict, where: Path) -> None
             f"It will not be resumed as a different model: delete {where.parent} to train this "
             "configuration from scratch, or restore the saved values to resume it."
         )
+
+
+def _set_aside_if_changed(run_dir: Path, stage_name: str, config: dict) -> None:
+    """Move a run of another configuration to <run_dir>/previous/ (replacing an older one)."""
+    saved = [(name, _read_json(run_dir / name / CONFIG)) for name in (FINAL, CHECKPOINT)]
+    try:
+        for name, info in saved:
+            if info is not None:
+                _check_same(info, stage_name, config, run_dir / name)
+    except CheckpointMismatch as exc:
+        previous = run_dir / PREVIOUS
+        shutil.rmtree(previous, ignore_errors=True)
+        previous.mkdir()
+        for name in (FINAL, CHECKPOINT, METRICS):
+            if (run_dir / name).exists():
+                os.rename(run_dir / name, previous / name)
+        _fsync_dir(run_dir)
+        print(f"{stage_name}: configuration changed, training afresh; the old run is in {previous} ({exc})",
+              file=sys.stderr)
 
 
 def _flatten(d: Mapping, prefix: str = "") -> dict:
