@@ -1,0 +1,2 @@
+"""Scoring inpainted images: FID, hole-region metrics and diversity, the classical baseline row,
+and the report table."""

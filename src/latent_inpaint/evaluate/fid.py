@@ -1,0 +1,159 @@
+"""FID with pytorch-fid and the standard FID Inception-v3 weights.
+
+pytorch-fid (mseitzer/pytorch-fid, a port of the TTUR TensorFlow code) with
+`pt_inception-2015-12-05-6726825d.pth` is the reference implementation the inpainting
+literature reports with (MAT, LaMa and this paper's other baselines), so our numbers are
+comparable with theirs. We reuse its network classes and `calculate_frechet_distance` and
+mirror its `InceptionV3` forward exactly (bilinear resize to 299 x 299, scale to [-1, 1], pool3
+features), but build the network ourselves: `pytorch_fid.inception.fid_inception_v3` would
+download the weights, and nothing is downloaded at run time here.
+
+Weights (`weights.inception` in params.yaml): None -> the torch hub cache
+($TORCH_HOME/hub/checkpoints, where pytorch-fid itself caches the file); a path -> that file;
+"stand-in" -> the same architecture with seeded random weights, for offline smoke runs and
+tests only: its FIDs mean nothing against published ones and must be labelled stand-in.
+
+Sample counts: the covariance of N feature vectors has rank at most N - 1, so with fewer
+images than feature dimensions (2048) it is singular; pytorch-fid then adds 1e-6 to the
+diagonals when the matrix square root fails. Such FIDs (the tiny CPU config's dozen images) are
+for smoke runs only; the paper's numbers use thousands of images per mask type. Cost: one
+2048 x 2048 matrix square root (SciPy sqrtm): ~15 s on a free CPU core, ~30-55 s on a busy
+2-core machine; Inception features ~0.1 s per image on one free core.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from pytorch_fid.fid_score import calculate_frechet_distance
+from pytorch_fid.inception import (
+    FID_WEIGHTS_URL, FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2, InceptionV3,
+)
+from torch import nn
+
+from ..losses import STAND_IN, hub_checkpoint
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+STAND_IN_SEED = 0
+INPUT_SIZE = 299
+
+
+def inception_is_stand_in(weights: str | None) -> bool:
+    """Whether FIDs computed with these `weights.inception` must be labelled stand-in."""
+    return weights == STAND_IN
+
+
+def fid_inception(weights: str | None) -> nn.Module:
+    """pytorch-fid's FID Inception-v3 (torchvision's Inception3 with the TensorFlow graph's
+    patched blocks, built as `fid_inception_v3` builds it), with the state-dict layout of the
+    standard weight file, frozen, in eval mode."""
+    path = None
+    if weights != STAND_IN:
+        path = Path(weights) if weights else hub_checkpoint(INCEPTION_FILE)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"FID needs the standard FID Inception-v3 weights ({INCEPTION_FILE}, published at "
+                f"{FID_WEIGHTS_URL}) and {path} does not exist. Copy the file to "
+                f"{hub_checkpoint(INCEPTION_FILE)} (where pytorch-fid caches it), or set weights.inception "
+                "in params.yaml to its path (or to 'stand-in' for an offline smoke run)."
+            )
+    # Built under a fixed seed so a stand-in is the same network on every run, without touching
+    # the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(STAND_IN_SEED)
+        net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None, init_weights=False)
+        net.Mixed_5b = FIDInceptionA(192, pool_features=32)
+        net.Mixed_5c = FIDInceptionA(256, pool_features=64)
+        net.Mixed_5d = FIDInceptionA(288, pool_features=64)
+        net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+        net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+        net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+        net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+        net.Mixed_7b = FIDInceptionE_1(1280)
+        net.Mixed_7c = FIDInceptionE_2(2048)
+        if path is None:
+            # PyTorch's default init shrinks activations about 3x per layer (pool3 features
+            # ~1e-8, every FID ~0); He init keeps them O(1) through the eval-mode BatchNorms.
+            for m in net.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    if path is not None:
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return net.eval().requires_grad_(False)
+
+
+def _feature_layers(net: nn.Module, dims: int) -> nn.Sequential:
+    """pytorch-fid's InceptionV3 blocks 0..k, k the block whose output has `dims` channels."""
+    blocks = [
+        [net.Conv2d_1a_3x3, net.Conv2d_2a_3x3, net.Conv2d_2b_3x3, nn.MaxPool2d(kernel_size=3, stride=2)],
+        [net.Conv2d_3b_1x1, net.Conv2d_4a_3x3, nn.MaxPool2d(kernel_size=3, stride=2)],
+        [net.Mixed_5b, net.Mixed_5c, net.Mixed_5d, net.Mixed_6a, net.Mixed_6b, net.Mixed_6c, net.Mixed_6d,
+         net.Mixed_6e],
+        [net.Mixed_7a, net.Mixed_7b, net.Mixed_7c, nn.AdaptiveAvgPool2d(output_size=(1, 1))],
+    ]
+    last = InceptionV3.BLOCK_INDEX_BY_DIM[dims]
+    return nn.Sequential(*(layer for block in blocks[: last + 1] for layer in block))
+
+
+class FID:
+    """Inception features of uint8 images and the Fréchet distance between two feature sets.
+
+    dims: 2048 (pool3, the standard FID) or pytorch-fid's `--dims` alternatives 64 / 192 / 768
+    (earlier blocks, average-pooled): cheaper, for tests; not comparable with published FIDs.
+    """
+
+    def __init__(self, weights: str | None, device: str | torch.device = "cpu", batch_size: int = 50,
+                 dims: int = 2048):
+        if dims not in InceptionV3.BLOCK_INDEX_BY_DIM:
+            raise ValueError(f"dims must be one of {sorted(InceptionV3.BLOCK_INDEX_BY_DIM)}, got {dims}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.device, self.batch_size, self.dims = torch.device(device), batch_size, dims
+        self.inception = fid_inception(weights)  # its state_dict() has the weight file's layout
+        self.layers = _feature_layers(self.inception, dims).to(self.device)
+        self.inception_is_stand_in = inception_is_stand_in(weights)
+
+    def _batches(self, images) -> Iterable:
+        if isinstance(images, (np.ndarray, torch.Tensor)):
+            return (images[i : i + self.batch_size] for i in range(0, len(images), self.batch_size))
+        return images
+
+    @torch.inference_mode()
+    def features(self, images: np.ndarray | Iterable) -> np.ndarray:
+        """(N, H, W, 3) uint8 images (NumPy or a CPU/GPU tensor), or an iterable of such batches of
+        any image size -> (N, dims) float64."""
+        out = []
+        for batch in self._batches(images):
+            if not isinstance(batch, torch.Tensor):
+                batch = torch.from_numpy(np.ascontiguousarray(batch))
+            if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+                raise TypeError(f"FID takes (N, H, W, 3) uint8 images, got {tuple(batch.shape)} {batch.dtype}")
+            x = batch.to(self.device).permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W) in [0, 1]
+            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+            with torch.autocast(self.device.type, enabled=False):  # fp32 like pytorch-fid, whatever the caller
+                x = self.layers(2 * x - 1)
+            if x.shape[2:] != (1, 1):
+                x = F.adaptive_avg_pool2d(x, output_size=(1, 1))
+            out.append(x.flatten(1).cpu().numpy().astype(np.float64))  # (B, dims)
+        return np.concatenate(out) if out else np.zeros((0, self.dims))
+
+    @staticmethod
+    def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
+        """pytorch-fid's Fréchet distance between the Gaussians fitted to two (N, D) feature sets."""
+        stats = []
+        for name, feats in (("features_a", features_a), ("features_b", features_b)):
+            feats = np.asarray(feats, dtype=np.float64)
+            if feats.ndim != 2 or len(feats) < 2:
+                raise ValueError(f"{name} must be (N, D) with N >= 2 for a covariance, got {feats.shape}")
+            stats += [feats.mean(axis=0), np.cov(feats, rowvar=False)]
+        with warnings.catch_warnings():
+            # pytorch-fid 0.3.0 passes sqrtm's `disp`, deprecated in SciPy 1.17
+            warnings.filterwarnings("ignore", message=".*`disp` argument is deprecated",
+                                    category=DeprecationWarning)
+            return float(calculate_frechet_distance(*stats))

@@ -1,0 +1,103 @@
+"""Metrics against the ground truth (hole L1 and PSNR, SSIM) and pluralistic diversity.
+
+Images are (H, W, 3) or (H, W) arrays, uint8 or float in [-1, 1]; every metric works on the
+[0, 1] scale (uint8 / 255, (x + 1) / 2), so both kinds give the same numbers. Masks are (H, W)
+with 1 = visible, 0 = hole (the masks.py convention). These need no pretrained network, so they
+are the numbers comparable across machines without the standard weights (method.md).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from skimage.metrics import structural_similarity
+from torch import nn
+
+# An exact fill has infinite PSNR; like losses.psnr, floor the MSE at 1e-10 (a 100 dB cap) so
+# averages and metrics JSON stay finite.
+MSE_FLOOR = 1e-10
+PSNR_CAP = 10 * np.log10(1 / MSE_FLOOR)
+
+
+def _unit(image) -> np.ndarray:
+    """uint8, or float in [-1, 1] -> float64 in [0, 1]."""
+    a = np.asarray(image)
+    if a.dtype == np.uint8:
+        return a.astype(np.float64) / 255
+    if np.issubdtype(a.dtype, np.floating):
+        return np.clip((a.astype(np.float64) + 1) / 2, 0, 1)
+    raise TypeError(f"images must be uint8 or float in [-1, 1], got {a.dtype}")
+
+
+def _hole_errors(pred, target, mask) -> np.ndarray:
+    """Absolute errors of the hole pixels, (n_hole_pixels, C)."""
+    p, t, m = _unit(pred), _unit(target), np.asarray(mask)
+    if p.shape != t.shape or m.shape != p.shape[:2]:
+        raise ValueError(f"shapes differ: pred {p.shape}, target {t.shape}, mask {m.shape}")
+    if not np.isin(m, (0, 1)).all():
+        raise ValueError("mask must hold 0 (hole) and 1 (visible) only; mask PNGs use 255: read them with "
+                         "masks.load_mask")
+    hole = m == 0
+    if not hole.any():
+        raise ValueError("mask has no hole pixels: nothing to measure")
+    return np.abs(p - t)[hole].reshape(int(hole.sum()), -1)
+
+
+def hole_l1(pred, target, mask) -> float:
+    """Mean absolute error over the hole pixels and channels, on the [0, 1] scale."""
+    return float(_hole_errors(pred, target, mask).mean())
+
+
+def hole_psnr(pred, target, mask) -> float:
+    """PSNR in dB (peak 1 on the [0, 1] scale) of the hole pixels only; capped at PSNR_CAP (100 dB)."""
+    mse = float((_hole_errors(pred, target, mask) ** 2).mean())
+    return float(10 * np.log10(1 / max(mse, MSE_FLOOR)))
+
+
+def ssim(pred, target) -> float:
+    """scikit-image's SSIM on the full image (default 7x7 uniform window), data range 1."""
+    p, t = _unit(pred), _unit(target)
+    return float(structural_similarity(p, t, data_range=1.0, channel_axis=-1 if p.ndim == 3 else None))
+
+
+def _lpips_input(image) -> torch.Tensor:
+    a = _unit(image)
+    if a.ndim != 3 or a.shape[-1] != 3:
+        raise ValueError(f"diversity takes (H, W, 3) images, got {a.shape}")
+    return torch.from_numpy(a * 2 - 1).float().permute(2, 0, 1)  # (3, H, W) in [-1, 1]
+
+
+@torch.inference_mode()
+def diversity(samples: Sequence, lpips_model: nn.Module, batch_size: int = 32) -> float:
+    """Mean LPIPS over all unordered pairs i < j of the samples drawn for one input image.
+
+    `lpips_model` is an lpips.LPIPS (losses.load_lpips). Each sample's normalised VGG features
+    are computed once and the pairs compared from them, which is what lpips_model(x_i, x_j)
+    computes but with S instead of S(S-1) VGG passes: 100 per image, not 9900, for the paper's
+    100 samples.
+    """
+    import lpips
+
+    if len(samples) < 2:
+        raise ValueError(f"diversity needs at least 2 samples, got {len(samples)}")
+    device = next(lpips_model.parameters()).device
+    x = torch.stack([_lpips_input(s) for s in samples]).to(device)  # (S, 3, H, W)
+    per_layer = zip(*(lpips_model.net(lpips_model.scaling_layer(chunk)) for chunk in x.split(batch_size)))
+    feats = [lpips.normalize_tensor(torch.cat(layer)) for layer in per_layer]  # L x (S, C_l, h_l, w_l)
+    pairs = torch.tensor(list(itertools.combinations(range(len(samples)), 2)), device=device)  # (P, 2)
+    scores = []
+    for chunk in pairs.split(batch_size):
+        i, j = chunk.T
+        scores.append(sum(lin((f[i] - f[j]) ** 2).mean(dim=(1, 2, 3)) for lin, f in zip(lpips_model.lins, feats)))
+    return torch.cat(scores).mean().item()
+
+
+def diversity_summary(per_image_scores: Sequence[float]) -> tuple[float, float]:
+    """(mean, std) over images, as the paper's "0.29±0.06"; population std (ddof 0)."""
+    scores = np.asarray(per_image_scores, dtype=np.float64)
+    if scores.size == 0:
+        raise ValueError("no diversity scores to summarise")
+    return float(scores.mean()), float(scores.std())

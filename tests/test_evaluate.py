@@ -1,0 +1,189 @@
+"""Evaluation pieces on hand-made images. FID and LPIPS here run with stand-in (random) weights:
+the tests check the arithmetic and the plumbing, not published numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from pytorch_fid.inception import InceptionV3
+
+from latent_inpaint.evaluate.baseline import biharmonic_inpaint
+from latent_inpaint.evaluate.fid import FID, INCEPTION_FILE, inception_is_stand_in
+from latent_inpaint.evaluate.metrics import (
+    PSNR_CAP, diversity, diversity_summary, hole_l1, hole_psnr, ssim,
+)
+from latent_inpaint.evaluate.report import table_markdown, write_metrics_json
+from latent_inpaint.losses import load_lpips
+
+
+def gradients(n: int, size: int = 32) -> np.ndarray:
+    """n smooth colour ramps, (n, size, size, 3) uint8."""
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    ramps = [np.stack([xx * a, yy * (1 - a), (xx + yy) / 2], -1) for a in np.linspace(0.2, 1.0, n)]
+    return (np.stack(ramps) * 255).round().astype(np.uint8)
+
+
+def noise(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """On a shared 2-core machine torch's intra-op threads wait on each other: Inception and VGG
+    forwards ran ~30x faster on one thread here. Restored for the other test modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def lpips_stand_in():
+    return load_lpips("stand-in")
+
+
+# ---------------------------------------------------------------------------------- FID
+
+
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # 8 samples < 64 dims: singular by design
+def test_stand_in_fid_is_zero_for_a_set_against_itself_and_positive_between_different_sets():
+    # Stand-in weights; dims=64 (pytorch-fid's first-block features) keeps the matrix square root
+    # small: a 2048-dim one takes seconds to tens of seconds on a shared CPU.
+    fid = FID("stand-in", batch_size=4, dims=64)
+    smooth = fid.features(gradients(8))
+    assert smooth.shape == (8, 64) and smooth.dtype == np.float64
+    rough = fid.features(noise(8))
+    assert fid.fid(smooth, smooth) == pytest.approx(0.0, abs=1e-3)
+    assert fid.fid(smooth, rough) > 1.0
+    assert np.array_equal(FID("stand-in", dims=64).features(gradients(8)), smooth)  # seeded: the same network
+    # batches from an iterable give the features of the whole array
+    assert np.allclose(fid.features([gradients(8)[:3], gradients(8)[3:]]), smooth, atol=1e-6)
+    with pytest.raises(TypeError, match="uint8"):
+        fid.features(gradients(2).astype(np.float32))
+    with pytest.raises(ValueError, match="N >= 2"):
+        fid.fid(smooth[:1], smooth)
+
+
+def test_fid_loads_inception_weights_from_a_file_and_explains_a_missing_one(tmp_path, monkeypatch):
+    before = torch.random.get_rng_state()
+    stand_in = FID("stand-in", batch_size=2)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the seeded build leaves the caller's stream alone
+    assert stand_in.inception_is_stand_in and inception_is_stand_in("stand-in") and not inception_is_stand_in(None)
+    path = tmp_path / INCEPTION_FILE
+    torch.save(stand_in.inception.state_dict(), path)  # the standard file's layout
+    loaded = FID(str(path), batch_size=2)
+    assert not loaded.inception_is_stand_in
+    image = gradients(1)
+    features = stand_in.features(image)
+    assert features.shape == (1, 2048) and features.dtype == np.float64 and features.std() > 0
+    assert np.array_equal(loaded.features(image), features)
+    # the same numbers as pytorch-fid's own InceptionV3 wrapped around this network
+    with mock.patch("pytorch_fid.inception.fid_inception_v3", lambda: stand_in.inception):
+        reference = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    x = torch.from_numpy(image).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        assert np.array_equal(reference(x)[0].flatten(1).double().numpy(), features)
+
+    with pytest.raises(FileNotFoundError, match=f"{INCEPTION_FILE}.*weights.inception"):
+        FID(str(tmp_path / "absent.pth"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    with pytest.raises(FileNotFoundError, match=f"empty-torch-home/hub/checkpoints/{INCEPTION_FILE}"):
+        FID(None)  # the torch hub cache, never a download
+
+
+# ---------------------------------------------------------------------------------- diversity
+
+
+def test_diversity_is_zero_for_identical_samples_and_positive_for_different_ones(lpips_stand_in):
+    # Stand-in LPIPS (random VGG features, the wheel's linear heads).
+    same = [gradients(1)[0]] * 4
+    assert diversity(same, lpips_stand_in) == pytest.approx(0.0, abs=1e-6)
+    different = list(noise(4))
+    score = diversity(different, lpips_stand_in)
+    assert score > 0
+    # the mean of LPIPS itself over the 6 unordered pairs, however they are batched
+    x = torch.from_numpy(np.stack(different)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        pairwise = [lpips_stand_in(x[i : i + 1], x[j : j + 1]).item() for i in range(4) for j in range(i + 1, 4)]
+    assert score == pytest.approx(np.mean(pairwise), rel=1e-5)
+    assert diversity(different, lpips_stand_in, batch_size=4) == pytest.approx(score, rel=1e-5)
+    # float [-1, 1] input scores the same as uint8
+    as_float = [x.astype(np.float32) / 127.5 - 1 for x in different]
+    assert diversity(as_float, lpips_stand_in) == pytest.approx(score, rel=1e-5)
+    with pytest.raises(ValueError, match="at least 2"):
+        diversity(same[:1], lpips_stand_in)
+
+
+def test_diversity_summary_is_mean_and_population_std():
+    assert diversity_summary([0.2, 0.4]) == pytest.approx((0.3, 0.1))
+
+
+# ---------------------------------------------------------------------------------- hole metrics
+
+
+def test_hole_metrics_on_hand_made_images():
+    target = np.full((8, 8, 3), 100, np.uint8)
+    mask = np.ones((8, 8), np.uint8)
+    mask[2:4, 2:6] = 0  # an 8-pixel hole
+    assert hole_l1(target, target, mask) == 0.0
+    assert hole_psnr(target, target, mask) == PSNR_CAP == pytest.approx(100.0)
+    assert ssim(target, target) == pytest.approx(1.0)
+
+    pred = target.copy()
+    pred[2:4, 2:4] += 51  # half the hole off by 51/255 = 0.2
+    pred[6:, 6:] = 0  # errors in the visible region do not count
+    assert hole_l1(pred, target, mask) == pytest.approx(0.1)  # (4 px * 0.2 + 4 px * 0) / 8 px
+    assert hole_psnr(pred, target, mask) == pytest.approx(10 * math.log10(1 / 0.02))  # MSE = 0.04 / 2
+    # float images in [-1, 1] give the same numbers
+    as_float = [x.astype(np.float64) / 127.5 - 1 for x in (pred, target)]
+    assert hole_l1(*as_float, mask) == pytest.approx(0.1)
+    assert ssim(pred, target) < 1.0
+
+    with pytest.raises(ValueError, match="no hole"):
+        hole_l1(pred, target, np.ones((8, 8), np.uint8))
+    with pytest.raises(ValueError, match="0 \\(hole\\) and 1"):
+        hole_l1(pred, target, mask * 255)
+
+
+# ---------------------------------------------------------------------------------- baseline
+
+
+def test_biharmonic_keeps_visible_pixels_and_fills_a_smooth_hole_closely():
+    image = gradients(1, size=48)[0]
+    mask = np.ones((48, 48), np.uint8)
+    mask[12:36, 16:32] = 0
+    filled = biharmonic_inpaint(image, mask)
+    assert filled.dtype == np.uint8 and filled.shape == image.shape
+    visible = mask.astype(bool)
+    assert np.array_equal(filled[visible], image[visible])
+    assert hole_l1(filled, image, mask) * 255 < 2.0  # a linear ramp is biharmonic: near-exact fill
+    assert np.array_equal(biharmonic_inpaint(image, mask), filled)  # deterministic
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def test_table_markdown_has_a_header_and_a_row_per_method(tmp_path):
+    rows = {
+        "ours": {"FID box": 13.3, "diversity box": (0.2912, 0.0551), "hole PSNR box": 20.0},
+        "biharmonic": {"FID box": 40.126, "diversity box": 0.0},
+    }
+    columns = ["FID box", "diversity box", "hole PSNR box"]
+    text = table_markdown(rows, columns, "Places test, 64 px", stand_in=["inception", "vgg16"])
+    lines = text.splitlines()
+    assert lines[0] == "### Places test, 64 px"
+    assert "| method | FID box | diversity box | hole PSNR box |" in lines
+    assert "| ours | 13.30 | 0.29±0.06 | 20.00 |" in lines
+    assert "| biharmonic | 40.13 | 0.00 | – |" in lines
+    assert "stand-in" in lines[-1].lower() and "inception, vgg16" in lines[-1]
+    assert "stand-in" not in table_markdown(rows, columns, "t").lower()
+
+    path = tmp_path / "metrics" / "evaluate.json"
+    write_metrics_json(path, {"fid_box": np.float64(13.3), "n": np.int64(4)})
+    assert json.loads(path.read_text()) == {"fid_box": 13.3, "n": 4}
+    assert [p.name for p in path.parent.iterdir()] == ["evaluate.json"]  # no temporary left behind
