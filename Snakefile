@@ -43,3 +43,4 @@ rule all:
         rules.tokens.output,
         rules.encoder.output,
         rules.transformer.output,
+        rules.decoder.output,

@@ -188,6 +188,27 @@ def cmd_train_transformer(args) -> None:
           ", ".join(f"{k} {v:.4g}" for k, v in metrics["eval"].items()))
 
 
+def cmd_train_decoder(args) -> None:
+    from .data.ingest import read_manifest
+    from .stages.decoder import DecoderStage
+    from .stages.vqgan import load_trained_vqgan
+    from .train import train
+
+    params = _params(args)
+    cfg, masks, train_cfg, weights, enc = (
+        section(params, name) for name in ("decoder", "masks", "train", "weights", "encoder"))
+    vqgan = load_trained_vqgan(Path(args.vqgan), "cpu")
+    size = read_manifest(Path(args.shards))["params"]["size"]
+    stage = DecoderStage(vqgan.cfg, cfg, masks, train_cfg, weights, Path(args.shards), Path(args.tokens), size, vqgan,
+                         alpha=enc.alpha)
+    sections = {"decoder": to_dict(cfg), "masks": to_dict(masks), "train": to_dict(train_cfg),
+                "weights": to_dict(weights), "encoder": to_dict(enc)}
+    metrics = train(stage, train_cfg, cfg.steps, args.run_dir, _tracking(params), sections, device=args.device,
+                    restart_on_change=args.restart_on_change)
+    print(f"decoder trained for {metrics['step']} steps in {args.run_dir}: " +
+          ", ".join(f"{k} {v:.4g}" for k, v in metrics["eval"].items()))
+
+
 def cmd_figure_alpha(args) -> None:
     """The paper's Figure 3: one mask and its token masks for several alpha."""
     from .masks import eval_mask, load_mask
@@ -202,6 +223,98 @@ def cmd_figure_alpha(args) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     token_mask_figure(mask, alphas=tuple(args.alphas), factor=factor).save(args.out)
     print(f"wrote {args.out}")
+
+
+def _inputs(path: Path) -> list[Path]:
+    from .data.images import IMAGE_EXTENSIONS
+
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    if path.is_file():
+        return [path]
+    raise FileNotFoundError(f"input {path} does not exist")
+
+
+def _mask_for(image_path: Path, shape: tuple[int, int], args, index: int, masks_cfg):
+    """The mask of one image: a generated one (--mask box|small|large), the file given, or the
+    file of the same stem in the mask folder. 1 = visible."""
+    import numpy as np
+
+    from .masks import box_mask, free_form_mask, load_mask
+
+    if args.mask in ("box", "small", "large"):
+        side = max(shape)
+        if args.mask == "box":
+            square = box_mask(side, masks_cfg.box_fraction)
+        else:
+            rng = np.random.default_rng([args.seed, index])
+            square = free_form_mask(side, getattr(masks_cfg, args.mask), rng)
+        top, left = (side - shape[0]) // 2, (side - shape[1]) // 2
+        return square[top : top + shape[0], left : left + shape[1]]
+    mask_path = Path(args.mask)
+    if mask_path.is_dir():
+        found = [p for p in mask_path.iterdir() if p.stem == image_path.stem]
+        if not found:
+            raise ValueError(f"no mask named {image_path.stem}.* in {mask_path} for {image_path}")
+        mask_path = found[0]
+    return load_mask(mask_path, hole_is_white=not args.mask_white_is_visible, size=shape)
+
+
+def cmd_inpaint(args) -> None:
+    """Inpaint an image or every image of a folder; one failure does not stop the others."""
+    import warnings
+
+    import numpy as np
+
+    from .config import SampleConfig
+    from .pictures import grid
+    from .pipeline import Inpainter, load_image, save_png
+
+    params = _params(args)
+    sample_cfg = section(params, "sample")
+    cfg = SampleConfig(
+        steps=args.steps or sample_cfg.steps,
+        temperature=sample_cfg.temperature if args.temperature is None else args.temperature,
+        anneal=sample_cfg.anneal if args.anneal is None else args.anneal,
+        samples=args.samples or sample_cfg.samples,
+        seed=sample_cfg.seed if args.seed is None else args.seed,
+    )
+    args.seed = cfg.seed
+    masks_cfg = section(params, "masks")
+    model = Inpainter.from_runs(Path(args.runs), _device(args.device))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"settings": {**to_dict(cfg), "mask": args.mask, "mask_convention":
+                           "white = visible" if args.mask_white_is_visible else "white = hole",
+                           "runs": str(args.runs), "size_policy": f"resized to {model.size}x{model.size} for the "
+                           "model; hole pixels pasted back at full resolution"}, "images": {}}
+    failed = 0
+    for index, path in enumerate(_inputs(Path(args.input))):
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                image = load_image(path)
+                mask = _mask_for(path, image.shape[:2], args, index, masks_cfg)
+            notes = [str(w.message) for w in caught]
+            if not mask.any():
+                notes.append("the mask has no visible pixel: the samples are unconditional")
+            results = model.inpaint(image, mask, cfg, cfg.samples, cfg.seed)
+            folder = out / path.stem
+            folder.mkdir(exist_ok=True)
+            for i, result in enumerate(results):
+                save_png(result, folder / f"sample_{i:02d}.png")
+            masked = np.where(mask[..., None].astype(bool), image, np.uint8(128))
+            grid([image, masked, *results], cols=2 + len(results)).save(folder / "grid.png")
+            status = "unchanged: the mask has no hole" if mask.all() else f"{len(results)} samples"
+            report["images"][str(path)] = {"status": status, "notes": notes, "hole_ratio": float(1 - mask.mean())}
+            print(f"{path}: {status} -> {folder}" + "".join(f"\n  note: {n}" for n in notes))
+        except (ValueError, OSError) as exc:
+            failed += 1
+            report["images"][str(path)] = {"status": "failed", "error": str(exc)}
+            print(f"{path}: failed: {exc}", file=sys.stderr)
+    (out / "settings.json").write_text(json.dumps(report, indent=1))
+    if failed:
+        raise RuntimeError(f"{failed} of {len(report['images'])} images failed (see {out / 'settings.json'})")
 
 
 def cmd_mlflow_ui(args) -> None:
@@ -286,6 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart-on-change", action="store_true", help=RESTART_HELP)
     p.set_defaults(func=cmd_train_transformer)
 
+    p = sub.add_parser("train-decoder", parents=[common], help="stage 3: the decoder (E_prt + coupling + G)")
+    p.add_argument("--vqgan", default="runs/vqgan/final")
+    p.add_argument("--shards", default="data/shards")
+    p.add_argument("--tokens", default="data/tokens")
+    p.add_argument("--run-dir", default="runs/decoder")
+    p.add_argument("--device")
+    p.add_argument("--restart-on-change", action="store_true", help=RESTART_HELP)
+    p.set_defaults(func=cmd_train_decoder)
+
     p = sub.add_parser("figure-alpha", parents=[common], help="Figure 3: a mask and its token masks per alpha")
     p.add_argument("--mask", help="a mask file (default: a fixed evaluation mask)")
     p.add_argument("--white-is-visible", action="store_true", help="the mask file paints the visible part white")
@@ -296,6 +418,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
     p.add_argument("--out", default="results/figure3.png")
     p.set_defaults(func=cmd_figure_alpha)
+
+    p = sub.add_parser("inpaint", parents=[common], help="inpaint an image or a folder with the trained model")
+    p.add_argument("input", help="an image file or a folder of images")
+    p.add_argument("--mask", default="box",
+                   help="a mask file, a folder of masks named like the images, or box|small|large (default: box)")
+    p.add_argument("--mask-white-is-visible", action="store_true",
+                   help="mask files paint the visible part white (MAT, RePaint); default: white = hole")
+    p.add_argument("--samples", type=int, help="samples per image (default: sample.samples)")
+    p.add_argument("--temperature", type=float, help="t (default: sample.temperature)")
+    p.add_argument("--anneal", type=float, help="s: step i samples at t * s**i (default: sample.anneal)")
+    p.add_argument("--steps", type=int, help="k sampling steps (default: sample.steps)")
+    p.add_argument("--seed", type=int, help="seed of the first sample (default: sample.seed)")
+    p.add_argument("--runs", default="runs", help="folder holding vqgan/ encoder/ transformer/ decoder/")
+    p.add_argument("--device")
+    p.add_argument("--out", default="results/inpaint")
+    p.set_defaults(func=cmd_inpaint)
 
     p = sub.add_parser("mlflow-ui", parents=[common], help="open the tracking store in the MLflow UI on 127.0.0.1")
     p.add_argument("--port", type=int, default=5000)

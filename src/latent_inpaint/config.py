@@ -156,6 +156,7 @@ class DecoderConfig:
     token_noise: float  # fraction of ground-truth tokens replaced at random during training
     r1_weight: float
     perceptual_weight: float
+    l1_weight: float  # a hole L1 term; 0 in the paper (Eq. 9), needed by short CPU runs
     lr: float
     betas: tuple[float, float]
     batch_size: int
