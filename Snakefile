@@ -35,12 +35,9 @@ def sections(*names):
 include: "workflow/rules/data.smk"
 include: "workflow/rules/vqgan.smk"
 include: "workflow/rules/models.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:
     input:
-        rules.masks.output,
-        rules.tokens.output,
-        rules.encoder.output,
-        rules.transformer.output,
-        rules.decoder.output,
+        rules.report.output,

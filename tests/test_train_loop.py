@@ -74,7 +74,7 @@ def test_loss_falls_outputs_written_tracked_and_rerun_is_a_no_op(tmp_path):
     assert final["step"] == 100 and final["config"] == stage.config() and final["resumed_from"] == []
     assert read_json(tmp_path / "run" / "checkpoint" / "config.json")["step"] == 100
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == [
-        "checkpoint", "final", "metrics.json",
+        "checkpoint", "final", "history.jsonl", "metrics.json",
     ]  # fmt: skip
 
     fresh = TinyStage(seed=1)
@@ -205,7 +205,7 @@ def test_interrupted_swap_restores_the_previous_checkpoint_and_more_steps_extend
     assert metrics["step"] == 6
     assert read_json(run / "final" / "config.json")["resumed_from"] == [4]
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == [
-        "checkpoint", "final", "metrics.json",
+        "checkpoint", "final", "history.jsonl", "metrics.json",
     ]  # fmt: skip
 
 

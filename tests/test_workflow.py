@@ -23,17 +23,21 @@ TINY = {
     "encoder": {"steps": 4, "batch_size": 4},
     "transformer": {"steps": 4, "batch_size": 4},
     "decoder": {"steps": 4, "batch_size": 4},
+    "evaluate": {"fid_images": 4, "diversity_images": 2, "diversity_samples": 2, "fid_dims": 64,
+                 "ablations": ["full", "t0.5", "vanilla_decoder", "biharmonic"]},
 }
 
 
 def make_project(dest: Path) -> Path:
     """A copy of the workflow files with a params.yaml shrunk to seconds of work."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "workflow", "dvc.yaml", ".dvc", ".dvcignore", "src", "data", "runs"):
+    for name in ("Snakefile", "workflow", "dvc.yaml", ".dvc", ".dvcignore", "src", "data", "runs", "results"):
         src = REPO / name
         if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns(
-                "__pycache__", "tmp", "cache", "default", "shards", "masks", "tokens", "vqgan", "encoder", "transformer", "decoder"))
+            made = ("default", "shards", "masks", "tokens", "vqgan", "encoder*", "transformer", "decoder",
+                    "ablations", "*.md", "*.png", "*.json", "inpaint")  # pipeline outputs, not sources
+            artifacts = made if name in ("data", "runs", "results") else ()
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache", *artifacts))
         else:
             shutil.copy2(src, dest / name)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -77,6 +81,11 @@ def test_snakemake_runs_tracks_and_reruns_only_what_changed(tmp_path):
     assert (project / "data/tokens/train.npy").is_file()
     for stage in ("vqgan", "encoder", "transformer", "decoder"):
         assert (project / f"runs/{stage}/final/config.json").is_file()
+    report = (project / "results/report.md").read_text()
+    assert "| ours |" in report and "| biharmonic (classical) |" in report and "Ablations" in report
+    assert "Stand-in (random) weights" in report and (project / "results/samples.png").is_file()
+    metrics = yaml.safe_load((project / "results/metrics.json").read_text())
+    assert set(metrics["ours"]) >= {"small", "large", "box", "diversity"}
 
     from mlflow.tracking import MlflowClient
 
@@ -92,14 +101,18 @@ def test_snakemake_runs_tracks_and_reruns_only_what_changed(tmp_path):
     shards_before = digests(project, "data/shards")
     prepared_at = (project / "data/shards/manifest.json").stat().st_mtime_ns
 
-    set_param(project, "sample", "temperature", 0.5)  # read by no training rule
-    assert "Nothing to be done" in sh(project, "snakemake", "--cores", "2").stdout
+    set_param(project, "sample", "temperature", 0.5)  # reruns sampling and evaluation, no training
+    plan = sh(project, "snakemake", "--cores", "2", "--dry-run").stdout
+    assert "rule evaluate" in plan and "rule report" in plan and "rule ablation" in plan
+    trained = ("default_data", "prepare", "masks", "vqgan", "tokens", "encoder", "transformer", "decoder")
+    assert not any(f"rule {r}:" in plan for r in trained), plan
+    sh(project, "snakemake", "--cores", "2")
 
     set_param(project, "masks", "seed", 7)
     plan = sh(project, "snakemake", "--cores", "2", "--dry-run").stdout
-    assert "rule masks" in plan
-    assert not any(f"rule {r}" in plan for r in ("default_data", "prepare", "vqgan", "tokens", "transformer"))
-    assert "rule encoder" in plan and "rule decoder" in plan  # they train under masks.train
+    assert "rule masks:" in plan
+    assert not any(f"rule {r}:" in plan for r in ("default_data", "prepare", "vqgan", "tokens", "transformer"))
+    assert "rule encoder:" in plan and "rule decoder:" in plan  # they train under masks.train
     masks_before = digests(project, "data/masks")
     sh(project, "snakemake", "--cores", "2")
     assert (project / "data/shards/manifest.json").stat().st_mtime_ns == prepared_at
@@ -109,8 +122,8 @@ def test_snakemake_runs_tracks_and_reruns_only_what_changed(tmp_path):
     # A new learning rate retrains the transformer alone, from scratch; the old run is kept aside.
     set_param(project, "transformer", "lr", 1.0e-3)
     plan = sh(project, "snakemake", "--cores", "2", "--dry-run").stdout
-    assert "rule transformer" in plan
-    assert not any(f"rule {r}" in plan for r in ("vqgan", "encoder", "decoder"))
+    assert "rule transformer:" in plan
+    assert not any(f"rule {r}:" in plan for r in ("vqgan", "encoder", "decoder"))
     sh(project, "snakemake", "--cores", "2")
     final = yaml.safe_load((project / "runs/transformer/final/config.json").read_text())
     assert final["config"]["transformer"]["lr"] == 1.0e-3 and final["resumed_from"] == []
@@ -126,17 +139,20 @@ def test_dvc_push_delete_pull_restores_the_same_bytes(tmp_path):
     sh(project, "dvc", "repro")
     assert (project / "dvc.lock").is_file()
     artifacts = ("data/default", "data/shards", "data/masks", "runs/vqgan", "data/tokens", "runs/encoder",
-                 "runs/transformer", "runs/decoder")
-    before = digests(project, *artifacts)
+                 "runs/encoder_vanilla", "runs/transformer", "runs/decoder", "results/ablations")
+    results = ("results/metrics.json", "results/report.md", "results/samples.png")
+    before = digests(project, *artifacts) | {f: (project / f).read_bytes() for f in results}
     assert len(before) > 30
 
     sh(project, "dvc", "remote", "add", "-d", "store", str(tmp_path / "remote"))
     sh(project, "dvc", "push")
     for folder in artifacts:
         shutil.rmtree(project / folder)
+    for file in results:
+        (project / file).unlink()
     shutil.rmtree(project / ".dvc" / "cache")
     sh(project, "dvc", "pull")
-    assert digests(project, *artifacts) == before
+    assert digests(project, *artifacts) | {f: (project / f).read_bytes() for f in results} == before
     assert "up to date" in sh(project, "dvc", "status").stdout
 
     # Snakemake's bookkeeping agrees once told the pulled files are current.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -317,6 +318,77 @@ def cmd_inpaint(args) -> None:
         raise RuntimeError(f"{failed} of {len(report['images'])} images failed (see {out / 'settings.json'})")
 
 
+ABLATION_HELP = ("full | t<temperature> (e.g. t0.5) | alpha<value> (e.g. alpha0.25) | vanilla_encoder | "
+                 "miracle_encoder | vanilla_decoder | biharmonic (the classical reference alone)")
+
+
+def _variant(name: str, sample_cfg) -> tuple[dict, object]:
+    """An ablation's name -> (Inpainter.from_runs options, sampling settings)."""
+    import dataclasses
+
+    fixed = {"full": {}, "vanilla_encoder": {"encoder": "encoder_vanilla"}, "miracle_encoder": {"encoder": "miracle"},
+             "vanilla_decoder": {"decoder": "vanilla"}}
+    try:
+        if name in fixed:
+            return fixed[name], sample_cfg
+        if name.startswith("alpha"):
+            return {"alpha": float(name[5:])}, sample_cfg
+        if name.startswith("t"):
+            return {}, dataclasses.replace(sample_cfg, temperature=float(name[1:]))
+    except ValueError:
+        pass
+    raise ConfigError(f"unknown ablation {name!r}: use {ABLATION_HELP}")
+
+
+def cmd_evaluate(args) -> None:
+    from .evaluate.report import table_markdown, write_metrics_json
+    from .masks import KINDS
+    from .pipeline import Inpainter
+    from .stages.evaluate import biharmonic, evaluate_methods, ours, table_rows
+    from .tracking import stage_run
+
+    params = _params(args)
+    cfg, sample_cfg, weights = (section(params, name) for name in ("evaluate", "sample", "weights"))
+    device = _device(args.device)
+    if args.variant == "biharmonic":
+        methods = {}
+    else:
+        options, sample_cfg = _variant(args.variant, sample_cfg)
+        methods = {"ours" if args.variant == "full" else args.variant:
+                   ours(Inpainter.from_runs(Path(args.runs), device, **options), sample_cfg)}
+    if args.baseline or args.variant == "biharmonic":
+        methods["biharmonic (classical)"] = biharmonic
+    kinds = tuple(args.kinds) if args.kinds else KINDS
+    # The run's params are the pipeline's; a variant's own setting is in its stage name.
+    logged = {"sample": to_dict(section(params, "sample")), "evaluate": to_dict(cfg)}
+    with stage_run(f"evaluate_{args.variant.replace('.', '_')}", _tracking(params), logged) as run:
+        results = evaluate_methods(methods, Path(args.shards), Path(args.masks), cfg, weights, str(device),
+                                   kinds=kinds, with_diversity=not args.no_diversity)
+        results["variant"] = args.variant
+        write_metrics_json(args.out, results)
+        for method, r in results.items():
+            if isinstance(r, dict):
+                name = re.sub(r"[^\w\-. ]", "", method).strip()  # MLflow's allowed metric characters
+                run.log_metrics({f"{name}/{k}/{m}": v for k, ms in r.items() if isinstance(ms, dict)
+                                 for m, v in ms.items()})
+        if args.table:
+            rows, columns = table_rows(results)
+            text = table_markdown(rows, columns, f"Inpainting on the test split ({results['images']['fid']} images)",
+                                  stand_in=results["stand_in"])
+            Path(args.table).write_text(text)
+            print(text)
+    print(f"metrics written to {args.out}")
+
+
+def cmd_report(args) -> None:
+    from .stages.report import write_report
+
+    params = _params(args)
+    path = write_report(Path(args.results), Path(args.runs), Path(args.shards), Path(args.masks),
+                        section(params, "sample"), _device(args.device), ablations=args.ablations)
+    print(f"report written to {path}")
+
+
 def cmd_mlflow_ui(args) -> None:
     from .tracking import UI_ENV, ui_command
 
@@ -434,6 +506,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--out", default="results/inpaint")
     p.set_defaults(func=cmd_inpaint)
+
+    p = sub.add_parser("evaluate", parents=[common], help="FID, hole metrics and diversity on the test split")
+    p.add_argument("--variant", default="full", help=ABLATION_HELP)
+    p.add_argument("--runs", default="runs")
+    p.add_argument("--shards", default="data/shards")
+    p.add_argument("--masks", default="data/masks")
+    p.add_argument("--kinds", nargs="+", choices=["small", "large", "box"], help="mask types (default: all)")
+    p.add_argument("--no-diversity", action="store_true", help="skip the LPIPS diversity (ablations)")
+    p.add_argument("--baseline", action="store_true", help="also score the classical biharmonic reference")
+    p.add_argument("--out", default="results/metrics.json")
+    p.add_argument("--table", help="also write the Markdown table here")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", parents=[common], help="results/report.md: tables, sample grids, training curves")
+    p.add_argument("--results", default="results")
+    p.add_argument("--runs", default="runs")
+    p.add_argument("--shards", default="data/shards")
+    p.add_argument("--masks", default="data/masks")
+    p.add_argument("--ablations", nargs="*", default=[], help="results/ablations/<name>.json files to tabulate")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("mlflow-ui", parents=[common], help="open the tracking store in the MLflow UI on 127.0.0.1")
     p.add_argument("--port", type=int, default=5000)

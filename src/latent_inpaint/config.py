@@ -178,6 +178,11 @@ class EvaluateConfig:
     diversity_images: int
     diversity_samples: int
     batch_size: int
+    fid_dims: int  # 2048 is the standard FID; 64/192/768 (pytorch-fid's other blocks) only for speed
+    ablations: tuple[str, ...]  # variants scored by the ablation rule (see `latent-inpaint evaluate --help`)
+
+    def __post_init__(self):
+        _check_choice("evaluate.fid_dims", self.fid_dims, (64, 192, 768, 2048))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,29 +36,42 @@ class Inpainter:
     device: torch.device
 
     @classmethod
-    def from_runs(cls, runs_dir: Path = Path("runs"), device: str | torch.device = "cpu",
-                  encoder: str = "encoder", decoder: str = "decoder") -> Inpainter:
-        """Load runs/{vqgan,<encoder>,transformer,<decoder>}/final (trained, or pulled with DVC)."""
-        from .decoder import InpaintDecoder
+    def from_runs(cls, runs_dir: Path = Path("runs"), device: str | torch.device = "cpu", encoder: str = "encoder",
+                  decoder: str = "decoder", alpha: float | None = None) -> Inpainter:
+        """Load runs/{vqgan,<encoder>,transformer,<decoder>}/final (trained, or pulled with DVC).
+
+        encoder: a trained encoder's run folder name ("encoder", "encoder_vanilla") or "miracle"
+        (the VQGAN's tokens of the full image under M̂: ablation); decoder: "decoder" or "vanilla"
+        (tokens decoded by the VQGAN decoder and pasted: ablation); alpha: another threshold for
+        the restrictive encoder at inference (its weights do not depend on alpha)."""
+        from .config import EncoderConfig, TransformerConfig, VQGANConfig, build
+        from .decoder import InpaintDecoder, VanillaDecoder
         from .encoder import build_encoder
         from .stages.vqgan import load_trained_vqgan
         from .transformer import BidirectionalTransformer
-        from .config import EncoderConfig, TransformerConfig, VQGANConfig, build
 
         runs_dir, device = Path(runs_dir), torch.device(device)
         vqgan = load_trained_vqgan(runs_dir / "vqgan" / "final", device)
-        saved = {name: _saved_config(runs_dir / name / "final") for name in (encoder, "transformer", decoder)}
-        enc_cfg = saved[encoder]
-        enc = build_encoder(enc_cfg["kind"], build(VQGANConfig, enc_cfg["vqgan"], "encoder vqgan"),
-                            build(EncoderConfig, enc_cfg["encoder"], "encoder"), enc_cfg["resolution"])
-        tf_cfg = saved["transformer"]
-        codebook = vqgan.quantize.embedding.weight.detach()
-        tf = BidirectionalTransformer(build(TransformerConfig, tf_cfg["transformer"], "transformer"), codebook,
-                                      tf_cfg["grid"])
-        dec = InpaintDecoder(vqgan.cfg, vqgan.resolution)
-        load_stage_weights(runs_dir / encoder / "final", {"encoder": enc}, device)
+        trained_encoder = "encoder" if encoder == "miracle" else encoder
+        enc_saved = _saved_config(runs_dir / trained_encoder / "final")
+        enc_cfg = build(EncoderConfig, enc_saved["encoder"], "encoder")
+        if alpha is not None:
+            enc_cfg = dataclasses.replace(enc_cfg, alpha=alpha)
+        if encoder == "miracle":
+            enc = build_encoder("miracle", vqgan.cfg, enc_cfg, vqgan.resolution, vqgan_model=vqgan)
+        else:
+            enc = build_encoder(enc_saved["kind"], build(VQGANConfig, enc_saved["vqgan"], "encoder vqgan"), enc_cfg,
+                                enc_saved["resolution"])
+            load_stage_weights(runs_dir / encoder / "final", {"encoder": enc}, device)
+        tf_saved = _saved_config(runs_dir / "transformer" / "final")
+        tf = BidirectionalTransformer(build(TransformerConfig, tf_saved["transformer"], "transformer"),
+                                      vqgan.quantize.embedding.weight.detach(), tf_saved["grid"])
         load_stage_weights(runs_dir / "transformer" / "final", {"transformer": tf}, device)
-        load_stage_weights(runs_dir / decoder / "final", {"decoder": dec}, device)
+        if decoder == "vanilla":
+            dec = VanillaDecoder(vqgan)
+        else:
+            dec = InpaintDecoder(vqgan.cfg, vqgan.resolution)
+            load_stage_weights(runs_dir / decoder / "final", {"decoder": dec}, device)
         parts = [m.to(device).eval() for m in (vqgan, enc, tf, dec)]
         return cls(*parts, size=vqgan.resolution, device=device)
 

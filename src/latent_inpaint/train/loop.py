@@ -28,6 +28,7 @@ A run folder holds:
         config.json               as above, with "metrics" for "losses", and "rank_digests"
                                   (one parameter digest per rank, checked equal)
     <run_dir>/metrics.json        the final numbers: {"step", "world_size", "train", "eval"}
+    <run_dir>/history.jsonl       the logged losses, one JSON line per logged step (the curves)
 
 A folder is replaced by renames, so a kill at any instant leaves a complete copy:
 
@@ -81,6 +82,7 @@ from ..tracking import stage_run
 from .distributed import Distributed, unwrap
 
 PREVIOUS = "previous"
+HISTORY = "history.jsonl"  # one line per logged step; a resumed run appends (read the last line per step)
 CHECKPOINT = "checkpoint"
 FINAL = "final"
 CONFIG = "config.json"
@@ -287,6 +289,9 @@ def _train(stage, cfg, steps, run_dir, tracking, params, d: Distributed) -> dict
                 lrs = {f"lr/{phase}": opt.param_groups[0]["lr"] for phase, opt in optimizers.items()}
                 losses.update(rates)
                 tracker.log_metrics({**losses, **lrs}, step=done)
+                if d.main:  # training curves for the report, with or without a tracking server
+                    with open(run_dir / HISTORY, "a") as f:
+                        f.write(json.dumps({"step": done, **losses, **lrs}) + "\n")
                 bar.set_postfix(
                     {k.removeprefix("loss/"): f"{v:.4g}" for k, v in losses.items() if k.startswith("loss/")},
                     refresh=False,
@@ -716,7 +721,7 @@ def _set_aside_if_changed(run_dir: Path, stage_name: str, config: dict) -> None:
         previous = run_dir / PREVIOUS
         shutil.rmtree(previous, ignore_errors=True)
         previous.mkdir()
-        for name in (FINAL, CHECKPOINT, METRICS):
+        for name in (FINAL, CHECKPOINT, METRICS, HISTORY):
             if (run_dir / name).exists():
                 os.rename(run_dir / name, previous / name)
         _fsync_dir(run_dir)
