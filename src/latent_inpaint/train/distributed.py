@@ -53,7 +53,7 @@ class Distributed:
     def start(cls, device: str | torch.device | None = None) -> Distributed:
         """Join torchrun's process group if there is one. `device` None: the local GPU if any,
         else the CPU; "cpu" forces the CPU (and gloo) even where GPUs exist."""
-        rank, size = int(os.environ.get("RANK", "0")), world_size()
+        size = world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device is None:
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
