@@ -94,10 +94,19 @@ def cmd_masks(args) -> None:
     print(f"evaluation masks written to {args.out} (grid: {Path(args.out) / 'masks.png'})")
 
 
+def _train(args, stage, train_cfg, steps: int, params: dict, sections: dict) -> None:
+    """Run the one training loop on a stage and say where its result is."""
+    from .train import train
+
+    metrics = train(stage, train_cfg, steps, args.run_dir, _tracking(params), sections, device=args.device,
+                    restart_on_change=args.restart_on_change)
+    print(f"{stage.name} trained for {metrics['step']} steps in {args.run_dir}: " +
+          ", ".join(f"{k} {v:.4g}" for k, v in metrics["eval"].items()))
+
+
 def cmd_train_vqgan(args) -> None:
     from .data.ingest import read_manifest
     from .stages.vqgan import VQGANStage
-    from .train import train
 
     params = _params(args)
     cfg, train_cfg, weights = (section(params, name) for name in ("vqgan", "train", "weights"))
@@ -107,10 +116,7 @@ def cmd_train_vqgan(args) -> None:
         return
     stage = VQGANStage(cfg, train_cfg, weights, Path(args.shards), size)
     sections = {"vqgan": to_dict(cfg), "train": to_dict(train_cfg), "weights": to_dict(weights)}
-    metrics = train(stage, train_cfg, cfg.steps, args.run_dir, _tracking(params), sections, device=args.device,
-                    restart_on_change=args.restart_on_change)
-    print(f"vqgan trained for {metrics['step']} steps in {args.run_dir}: " +
-          ", ".join(f"{k} {v:.4g}" for k, v in metrics["eval"].items()))
+    _train(args, stage, train_cfg, cfg.steps, params, sections)
 
 
 def _import_vqgan(checkpoint: str, cfg, size: int, run_dir: str, trust_pickle: bool) -> None:
@@ -159,7 +165,6 @@ def cmd_train_encoder(args) -> None:
     from .data.ingest import read_manifest
     from .stages.encoder import EncoderStage
     from .stages.vqgan import saved_vqgan_config
-    from .train import train
 
     params = _params(args)
     cfg, masks, train_cfg = (section(params, name) for name in ("encoder", "masks", "train"))
@@ -167,33 +172,25 @@ def cmd_train_encoder(args) -> None:
     size = read_manifest(Path(args.shards))["params"]["size"]
     stage = EncoderStage(args.kind, vq, cfg, masks, train_cfg, Path(args.shards), Path(args.tokens), size)
     sections = {"encoder": to_dict(cfg), "masks": to_dict(masks), "train": to_dict(train_cfg)}
-    metrics = train(stage, train_cfg, cfg.steps, args.run_dir, _tracking(params), sections, device=args.device,
-                    restart_on_change=args.restart_on_change)
-    print(f"{stage.name} trained for {metrics['step']} steps in {args.run_dir}: " +
-          ", ".join(f"{k} {v:.4g}" for k, v in metrics["eval"].items()))
+    _train(args, stage, train_cfg, cfg.steps, params, sections)
 
 
 def cmd_train_transformer(args) -> None:
     from .stages.transformer import TransformerStage
     from .stages.vqgan import load_trained_vqgan
-    from .train import train
 
     params = _params(args)
     cfg, train_cfg = section(params, "transformer"), section(params, "train")
     codebook = load_trained_vqgan(Path(args.vqgan), "cpu").quantize.embedding.weight.detach()
     stage = TransformerStage(cfg, train_cfg, codebook, Path(args.tokens))
     sections = {"transformer": to_dict(cfg), "train": to_dict(train_cfg)}
-    metrics = train(stage, train_cfg, cfg.steps, args.run_dir, _tracking(params), sections, device=args.device,
-                    restart_on_change=args.restart_on_change)
-    print(f"transformer trained for {metrics['step']} steps in {args.run_dir}: " +
-          ", ".join(f"{k} {v:.4g}" for k, v in metrics["eval"].items()))
+    _train(args, stage, train_cfg, cfg.steps, params, sections)
 
 
 def cmd_train_decoder(args) -> None:
     from .data.ingest import read_manifest
     from .stages.decoder import DecoderStage
     from .stages.vqgan import load_trained_vqgan
-    from .train import train
 
     params = _params(args)
     cfg, masks, train_cfg, weights, enc = (
@@ -204,10 +201,7 @@ def cmd_train_decoder(args) -> None:
                          alpha=enc.alpha)
     sections = {"decoder": to_dict(cfg), "masks": to_dict(masks), "train": to_dict(train_cfg),
                 "weights": to_dict(weights), "encoder": to_dict(enc)}
-    metrics = train(stage, train_cfg, cfg.steps, args.run_dir, _tracking(params), sections, device=args.device,
-                    restart_on_change=args.restart_on_change)
-    print(f"decoder trained for {metrics['step']} steps in {args.run_dir}: " +
-          ", ".join(f"{k} {v:.4g}" for k, v in metrics["eval"].items()))
+    _train(args, stage, train_cfg, cfg.steps, params, sections)
 
 
 def cmd_figure_alpha(args) -> None:
