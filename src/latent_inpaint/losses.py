@@ -19,6 +19,19 @@ def hub_checkpoint(filename: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
+def weight_file(setting: str | None, filename: str, param: str, needed: str) -> Path:
+    """A standard pretrained file, never downloaded: the path `setting` names, or with None the
+    torch hub cache; an absent file is an error saying where to put it and which param to set."""
+    path = Path(setting) if setting else hub_checkpoint(filename)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{needed} ({filename}) and {path} does not exist. Copy the file to {hub_checkpoint(filename)} "
+            f"(the torch hub cache), or set {param} in params.yaml to its path (or to 'stand-in' for an "
+            "offline smoke run)."
+        )
+    return path
+
+
 def load_lpips(vgg16: str | None) -> nn.Module:
     """LPIPS (VGG variant, v0.1 linear heads from the lpips wheel), frozen, in eval mode.
 
@@ -31,13 +44,7 @@ def load_lpips(vgg16: str | None) -> nn.Module:
         warnings.simplefilter("ignore")  # torchvision's deprecated `pretrained=` inside lpips
         model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
     if vgg16 != STAND_IN:
-        path = Path(vgg16) if vgg16 else hub_checkpoint(VGG16_FILE)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"LPIPS needs torchvision's ImageNet VGG16 weights ({VGG16_FILE}) and {path} does not exist. "
-                f"Copy the file to {hub_checkpoint(VGG16_FILE)} (where torchvision caches it), or set "
-                "weights.vgg16 in params.yaml to its path (or to 'stand-in' for an offline smoke run)."
-            )
+        path = weight_file(vgg16, VGG16_FILE, "weights.vgg16", "LPIPS needs torchvision's ImageNet VGG16 weights")
         state = torch.load(path, map_location="cpu", weights_only=True)
         # lpips keeps torchvision's layer indices inside five slices: net.slice<k>.<index>.<param>
         with torch.no_grad():

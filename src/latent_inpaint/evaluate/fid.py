@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ from pytorch_fid.inception import (
 )
 from torch import nn
 
-from ..losses import STAND_IN, hub_checkpoint
+from ..losses import STAND_IN, weight_file
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 STAND_IN_SEED = 0
@@ -55,14 +54,8 @@ def fid_inception(weights: str | None) -> nn.Module:
     standard weight file, frozen, in eval mode."""
     path = None
     if weights != STAND_IN:
-        path = Path(weights) if weights else hub_checkpoint(INCEPTION_FILE)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"FID needs the standard FID Inception-v3 weights ({INCEPTION_FILE}, published at "
-                f"{FID_WEIGHTS_URL}) and {path} does not exist. Copy the file to "
-                f"{hub_checkpoint(INCEPTION_FILE)} (where pytorch-fid caches it), or set weights.inception "
-                "in params.yaml to its path (or to 'stand-in' for an offline smoke run)."
-            )
+        path = weight_file(weights, INCEPTION_FILE, "weights.inception",
+                           f"FID needs the standard FID Inception-v3 weights, published at {FID_WEIGHTS_URL}")
     # Built under a fixed seed so a stand-in is the same network on every run, without touching
     # the caller's random stream.
     with torch.random.fork_rng(devices=[]):
