@@ -27,6 +27,17 @@ ensure_invocation()
 os.environ["LATENT_INPAINT_TRACKING"] = json.dumps(config["tracking"])
 
 
+# What each job asks a scheduler for (params.yaml `resources`; the slurm profile turns it into
+# sbatch options). Resources are no rerun trigger: a bigger allocation retrains nothing.
+RES = config["resources"]
+PROCESSES = RES["processes"]  # training processes per job, started by torchrun inside the job
+
+
+def job_resources(kind, gpus=1):
+    """mem_mb and runtime of a train|infer|light job, and its GPUs when resources.gpu is on."""
+    return {**RES[kind], "gpu": gpus if RES["gpu"] else 0}
+
+
 def sections(*names):
     """The given params.yaml sections as JSON, for `--config-json` and as a rerun trigger."""
     return json.dumps({name: config[name] for name in names}, sort_keys=True)

@@ -18,6 +18,9 @@ def test_defaults_and_paper_overlay_build_every_section():
     tf = section(paper, "transformer")
     assert (tf.n_layer, tf.n_embd, tf.n_head) == (40, 1408, 16)
     assert section(paper, "tracking") == section(params(), "tracking")  # untouched sections stay
+    res = section(paper, "resources")
+    assert res.gpu and res.processes == 3 and res.train.runtime == 2880  # the paper's 3 V100s
+    assert not section(params(), "resources").gpu  # the tiny default runs on CPUs
 
 
 @pytest.mark.parametrize(
@@ -30,6 +33,8 @@ def test_defaults_and_paper_overlay_build_every_section():
         ("masks.small.hole_range=[0.6, 0.2]", "hole_range must satisfy"),
         ("transformer.betas=[0.9]", "transformer.betas must have 2 items"),
         ("nonsense.key=1", "unknown key 'nonsense'"),
+        ("resources.processes=0", "resources.processes must be positive"),
+        ("resources.train.mem_mb=-1", "mem_mb must be positive"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

@@ -28,6 +28,15 @@ def test_lpips_loads_vgg16_weights_from_a_file_and_explains_a_missing_one(tmp_pa
     assert load_lpips("stand-in").stand_in  # random VGG features, labelled
 
 
+def test_the_lpips_stand_in_is_the_same_network_every_time_and_leaves_the_rng_alone():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    a, b = load_lpips("stand-in"), load_lpips("stand-in")
+    assert torch.equal(torch.rand(3), expected)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
 def test_gan_terms_on_hand_made_logits():
     real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])
     # hinge: 0.5 * (mean(relu(1 - [2, .5])) + mean(relu(1 + [-2, 0]))) = 0.5 * (0.25 + 0.5)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
-
 from conftest import REPO, venv_bin
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +33,8 @@ TINY = {
 def make_project(dest: Path) -> Path:
     """A copy of the workflow files with a params.yaml shrunk to seconds of work."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "workflow", "dvc.yaml", ".dvc", ".dvcignore", "src", "data", "runs", "results"):
+    for name in ("Snakefile", "workflow", "dvc.yaml", ".dvc", ".dvcignore", ".gitignore", "src", "data", "runs",
+                 "results"):
         src = REPO / name
         if src.is_dir():
             made = ("default", "shards", "masks", "tokens", "vqgan", "encoder*", "transformer", "decoder",
@@ -57,13 +60,21 @@ def sh(cwd: Path, *cmd: str, ok: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def digests(root: Path, *folders: str) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for folder in folders
-        for p in sorted((root / folder).rglob("*"))
-        if p.is_file()
-    }
+def files(root: Path, *paths: str) -> list[Path]:
+    """The files at the given paths: a file itself, a folder's files at any depth."""
+    return [q for p in paths for q in ([root / p] if (root / p).is_file() else sorted((root / p).rglob("*")))
+            if q.is_file()]
+
+
+def digests(root: Path, *paths: str) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files(root, *paths)}
+
+
+def dvc_outputs(project: Path) -> list[str]:
+    """Every path a dvc.yaml stage versions (outs and metrics)."""
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    return [out if isinstance(out, str) else next(iter(out))
+            for stage in stages.values() for kind in ("outs", "metrics") for out in stage.get(kind, [])]
 
 
 def set_param(project: Path, section: str, key: str, value) -> None:
@@ -133,29 +144,95 @@ def test_snakemake_runs_tracks_and_reruns_only_what_changed(tmp_path):
     assert bad.returncode != 0 and "unknown key(s) in data: sise" in bad.stdout
 
 
-def test_dvc_push_delete_pull_restores_the_same_bytes(tmp_path):
+def test_dvc_pull_in_a_fresh_clone_restores_the_bytes_and_retrains_nothing(tmp_path):
     project = make_project(tmp_path / "project")
     sh(project, "git", "init", "-q")
     sh(project, "dvc", "repro")
-    assert (project / "dvc.lock").is_file()
-    artifacts = ("data/default", "data/shards", "data/masks", "runs/vqgan", "data/tokens", "runs/encoder",
-                 "runs/encoder_vanilla", "runs/transformer", "runs/decoder", "results/ablations")
-    results = ("results/metrics.json", "results/report.md", "results/samples.png")
-    before = digests(project, *artifacts) | {f: (project / f).read_bytes() for f in results}
-    assert len(before) > 30
-
+    outputs = dvc_outputs(project)
+    trained = digests(project, *outputs)
+    assert len(trained) > 30 and "runs/decoder/final/config.json" in trained
     sh(project, "dvc", "remote", "add", "-d", "store", str(tmp_path / "remote"))
     sh(project, "dvc", "push")
-    for folder in artifacts:
-        shutil.rmtree(project / folder)
-    for file in results:
-        (project / file).unlink()
-    shutil.rmtree(project / ".dvc" / "cache")
-    sh(project, "dvc", "pull")
-    assert digests(project, *artifacts) | {f: (project / f).read_bytes() for f in results} == before
-    assert "up to date" in sh(project, "dvc", "status").stdout
+    sh(project, "git", "config", "user.name", "latent-inpaint tests")
+    sh(project, "git", "config", "user.email", "tests@example.invalid")
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "commit", "-q", "-m", "tiny run")
+    committed = sh(project, "git", "ls-files").stdout.split()
+    assert {"dvc.lock", ".dvc/config", "params.yaml", "Snakefile", "data/.gitignore"} <= set(committed)
+    local_only = (*outputs, ".snakemake", ".dvc/cache", "logs", "mlflow.db", "mlruns", ".latent-inpaint")
+    in_git = [f for f in committed if any(f == p or f.startswith(f"{p}/") for p in local_only)]
+    assert not in_git, in_git  # git holds the code, params and dvc.lock; DVC holds the bytes
 
-    # Snakemake's bookkeeping agrees once told the pulled files are current.
-    shutil.rmtree(project / ".snakemake")
-    sh(project, "snakemake", "--cores", "2", "--touch")
-    assert "Nothing to be done" in sh(project, "snakemake", "--cores", "2", "--dry-run").stdout
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(project), str(clone))
+    assert not any((clone / p).exists() for p in local_only)
+    sh(clone, "dvc", "pull")
+    assert digests(clone, *outputs) == trained
+    assert "up to date" in sh(clone, "dvc", "status").stdout
+
+    # A clone has no .snakemake/ metadata and checkout-order file times. --touch alone would touch
+    # only the jobs those times make look stale; --forceall touches every job in DAG order and
+    # records its params, code and inputs, so later changes rerun exactly what depends on them.
+    sh(clone, "snakemake", "--cores", "2", "--touch", "--forceall")
+    summary = sh(clone, "snakemake", "--summary").stdout
+    header, *rows = [line.split("\t") for line in summary.splitlines() if line.count("\t") == 5]
+    assert header[-2:] == ["status", "plan"], summary
+    assert {r[2] for r in rows} >= {"default_data", "prepare", "vqgan", "encoder", "transformer", "decoder"}, summary
+    assert all(r[-2:] == ["ok", "no update"] for r in rows), summary
+
+    # The pipeline in the clone: nothing to do, so no file written, no stage started.
+    stamps = {p: p.stat().st_mtime_ns for p in files(clone, *outputs)}
+    run = sh(clone, "snakemake", "--cores", "2").stdout
+    assert "Nothing to be done" in run, f"{run}\n{summary}"
+    assert {p: p.stat().st_mtime_ns for p in files(clone, *outputs)} == stamps
+    assert digests(clone, *outputs) == trained
+    assert not (clone / "mlflow.db").exists()  # no stage opened its MLflow run
+    assert not any(log.stat().st_size for log in (clone / "logs").iterdir())  # created empty by --touch
+    assert "Data and pipelines are up to date" in sh(clone, "dvc", "repro").stdout
+
+    # Inpainting from the pulled parts (runs/*/final) keeps every visible pixel.
+    picture = min((clone / "data/default").glob("*.png"))
+    image = np.asarray(Image.open(picture).convert("RGB"))
+    h, w = image.shape[:2]
+    hole = np.zeros((h, w), np.uint8)
+    hole[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 255  # white = hole
+    Image.fromarray(hole).save(tmp_path / "hole.png")
+    sh(clone, "latent-inpaint", "inpaint", str(picture), "--mask", str(tmp_path / "hole.png"), "--samples", "2",
+       "--steps", "2")
+    visible = hole == 0
+    samples = sorted((clone / "results/inpaint" / picture.stem).glob("sample_*.png"))
+    assert len(samples) == 2
+    for sample in samples:
+        assert np.array_equal(np.asarray(Image.open(sample))[visible], image[visible])
+
+    # The recorded metadata makes later changes rerun exactly the rules that read them.
+    pulled_params = (clone / "params.yaml").read_text()
+    set_param(clone, "sample", "temperature", 0.5)
+    plan = sh(clone, "snakemake", "--cores", "2", "--dry-run").stdout
+    assert "rule evaluate:" in plan and "rule report:" in plan
+    upstream = ("default_data", "prepare", "masks", "vqgan", "tokens", "encoder", "transformer", "decoder")
+    assert not any(f"rule {r}:" in plan for r in upstream), plan
+    (clone / "params.yaml").write_text(pulled_params)
+    set_param(clone, "data", "default_seed", 5)  # a rule without inputs: only its recorded params can tell
+    plan = sh(clone, "snakemake", "--cores", "2", "--dry-run").stdout
+    assert "rule default_data:" in plan and "rule vqgan:" in plan, plan
+
+
+def test_job_resources_come_from_params(tmp_path):
+    """What each job asks a scheduler for is read from params.yaml `resources`, per job kind."""
+    project = make_project(tmp_path)
+
+    def plan(*args: str) -> dict[str, str]:
+        out = sh(project, "snakemake", "--dry-run", "--forceall", "--printshellcmds", "--cores", "64",
+                 "runs/vqgan/final/config.json", "data/tokens/metrics.json", *args).stdout
+        jobs = re.split(r"\n(?=rule \w+:)", out)
+        return {m.group(1): job for job in jobs if (m := re.match(r"rule (\w+):", job))}
+
+    tiny = plan()
+    assert "gpu=0" in tiny["vqgan"] and "processes=1" in tiny["vqgan"] and "mem_mb=4000" in tiny["vqgan"]
+    assert "train-vqgan --quiet --processes 1 " in tiny["vqgan"]
+    paper = plan("--configfile", str(REPO / "workflow/configs/paper.yaml"))
+    assert all(f in paper["vqgan"] for f in ("gpu=3", "processes=3", "mem_mb=64000", "runtime=2880"))
+    assert "train-vqgan --quiet --processes 3 " in paper["vqgan"]
+    assert "gpu=1" in paper["tokens"] and "runtime=720" in paper["tokens"]
+    assert "gpu=0" in paper["prepare"] and "mem_mb=16000" in paper["prepare"]

@@ -17,6 +17,8 @@ from pathlib import Path
 from .config import ConfigError, TrackingConfig, build, load_params, section, to_dict
 
 TRACKING_ENV = "LATENT_INPAINT_TRACKING"  # set by the Snakefile: tracking is not a rerun trigger
+PROCESSES_HELP = ("train with N processes: the command starts itself under torchrun (one per GPU on a "
+                  "GPU node, gloo processes on CPU); default 1")
 RESTART_HELP = ("if the run folder holds a run of other parameters, move it to <run-dir>/previous/ and train "
                 "afresh (default: refuse, naming the differences)")
 
@@ -94,10 +96,13 @@ def cmd_masks(args) -> None:
     print(f"evaluation masks written to {args.out} (grid: {Path(args.out) / 'masks.png'})")
 
 
-def _train(args, stage, train_cfg, steps: int, params: dict, sections: dict) -> None:
-    """Run the one training loop on a stage and say where its result is."""
-    from .train import train
+def _train(args, build_stage, train_cfg, steps: int, params: dict, sections: dict) -> None:
+    """Build a stage from train.seed (its initial weights are part of the run) and run the one
+    training loop on it; say where the result is."""
+    from .train import seed_everything, train
 
+    seed_everything(train_cfg.seed)
+    stage = build_stage()
     metrics = train(stage, train_cfg, steps, args.run_dir, _tracking(params), sections, device=args.device,
                     restart_on_change=args.restart_on_change)
     print(f"{stage.name} trained for {metrics['step']} steps in {args.run_dir}: " +
@@ -114,9 +119,9 @@ def cmd_train_vqgan(args) -> None:
     if cfg.pretrained:
         _import_vqgan(cfg.pretrained, cfg, size, args.run_dir, args.trust_pickle)
         return
-    stage = VQGANStage(cfg, train_cfg, weights, Path(args.shards), size)
     sections = {"vqgan": to_dict(cfg), "train": to_dict(train_cfg), "weights": to_dict(weights)}
-    _train(args, stage, train_cfg, cfg.steps, params, sections)
+    _train(args, lambda: VQGANStage(cfg, train_cfg, weights, Path(args.shards), size), train_cfg, cfg.steps, params,
+           sections)
 
 
 def _import_vqgan(checkpoint: str, cfg, size: int, run_dir: str, trust_pickle: bool) -> None:
@@ -170,9 +175,9 @@ def cmd_train_encoder(args) -> None:
     cfg, masks, train_cfg = (section(params, name) for name in ("encoder", "masks", "train"))
     vq = saved_vqgan_config(Path(args.vqgan))
     size = read_manifest(Path(args.shards))["params"]["size"]
-    stage = EncoderStage(args.kind, vq, cfg, masks, train_cfg, Path(args.shards), Path(args.tokens), size)
     sections = {"encoder": to_dict(cfg), "masks": to_dict(masks), "train": to_dict(train_cfg)}
-    _train(args, stage, train_cfg, cfg.steps, params, sections)
+    _train(args, lambda: EncoderStage(args.kind, vq, cfg, masks, train_cfg, Path(args.shards), Path(args.tokens), size),
+           train_cfg, cfg.steps, params, sections)
 
 
 def cmd_train_transformer(args) -> None:
@@ -182,9 +187,9 @@ def cmd_train_transformer(args) -> None:
     params = _params(args)
     cfg, train_cfg = section(params, "transformer"), section(params, "train")
     codebook = load_trained_vqgan(Path(args.vqgan), "cpu").quantize.embedding.weight.detach()
-    stage = TransformerStage(cfg, train_cfg, codebook, Path(args.tokens))
     sections = {"transformer": to_dict(cfg), "train": to_dict(train_cfg)}
-    _train(args, stage, train_cfg, cfg.steps, params, sections)
+    _train(args, lambda: TransformerStage(cfg, train_cfg, codebook, Path(args.tokens)), train_cfg, cfg.steps, params,
+           sections)
 
 
 def cmd_train_decoder(args) -> None:
@@ -197,11 +202,10 @@ def cmd_train_decoder(args) -> None:
         section(params, name) for name in ("decoder", "masks", "train", "weights", "encoder"))
     vqgan = load_trained_vqgan(Path(args.vqgan), "cpu")
     size = read_manifest(Path(args.shards))["params"]["size"]
-    stage = DecoderStage(vqgan.cfg, cfg, masks, train_cfg, weights, Path(args.shards), Path(args.tokens), size, vqgan,
-                         alpha=enc.alpha)
     sections = {"decoder": to_dict(cfg), "masks": to_dict(masks), "train": to_dict(train_cfg),
                 "weights": to_dict(weights), "encoder": to_dict(enc)}
-    _train(args, stage, train_cfg, cfg.steps, params, sections)
+    _train(args, lambda: DecoderStage(vqgan.cfg, cfg, masks, train_cfg, weights, Path(args.shards), Path(args.tokens),
+                                      size, vqgan, alpha=enc.alpha), train_cfg, cfg.steps, params, sections)
 
 
 def cmd_figure_alpha(args) -> None:
@@ -428,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow a pickled (Lightning) .ckpt when importing vqgan.pretrained: only for files you trust")
     p.add_argument("--restart-on-change", action="store_true", help=RESTART_HELP)
+    p.add_argument("--processes", type=int, default=1, metavar="N", help=PROCESSES_HELP)
     p.set_defaults(func=cmd_train_vqgan)
 
     p = sub.add_parser("import-vqgan", parents=[common],
@@ -455,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/encoder")
     p.add_argument("--device")
     p.add_argument("--restart-on-change", action="store_true", help=RESTART_HELP)
+    p.add_argument("--processes", type=int, default=1, metavar="N", help=PROCESSES_HELP)
     p.set_defaults(func=cmd_train_encoder)
 
     p = sub.add_parser("train-transformer", parents=[common], help="stage 2: the bidirectional transformer")
@@ -463,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/transformer")
     p.add_argument("--device")
     p.add_argument("--restart-on-change", action="store_true", help=RESTART_HELP)
+    p.add_argument("--processes", type=int, default=1, metavar="N", help=PROCESSES_HELP)
     p.set_defaults(func=cmd_train_transformer)
 
     p = sub.add_parser("train-decoder", parents=[common], help="stage 3: the decoder (E_prt + coupling + G)")
@@ -472,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/decoder")
     p.add_argument("--device")
     p.add_argument("--restart-on-change", action="store_true", help=RESTART_HELP)
+    p.add_argument("--processes", type=int, default=1, metavar="N", help=PROCESSES_HELP)
     p.set_defaults(func=cmd_train_decoder)
 
     p = sub.add_parser("figure-alpha", parents=[common], help="Figure 3: a mask and its token masks per alpha")
@@ -529,10 +537,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _torchrun(processes: int, argv: list[str]) -> list[str]:
+    """This same command under torchrun with `processes` local workers. --standalone picks a free
+    rendezvous port, so several such jobs can share a node; SIGTERM (SLURM preemption) reaches
+    every worker, which checkpoints before it exits."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "-m", "latent_inpaint.cli", *argv]
+
+
 def main(argv: list[str] | None = None) -> int:
     from .data.ingest import DataError
 
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    processes = getattr(args, "processes", 1)
+    if processes < 1:
+        print(f"latent-inpaint {args.command}: --processes must be at least 1, got {processes}", file=sys.stderr)
+        return 2
+    if processes > 1 and "WORLD_SIZE" not in os.environ:  # the workers themselves run under torchrun
+        os.execv(sys.executable, _torchrun(processes, argv))
     try:
         args.func(args)
     except ConfigError as exc:

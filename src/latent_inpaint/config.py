@@ -203,6 +203,30 @@ class TrackingConfig:
     log_images: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class JobResources:
+    mem_mb: int  # memory a job asks for
+    runtime: int  # minutes: the job's time limit
+
+    def __post_init__(self):
+        _check_positive("resources.*.mem_mb", self.mem_mb)
+        _check_positive("resources.*.runtime", self.runtime)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourcesConfig:
+    """What each job asks a scheduler for. The rules read it; it is no rerun trigger."""
+
+    gpu: bool  # training, tokens and evaluation jobs ask for GPUs
+    processes: int  # training processes per job (torchrun --nproc_per_node): one per GPU
+    train: JobResources  # each training job
+    infer: JobResources  # tokens, evaluate, ablation
+    light: JobResources  # default data, prepare, masks, report
+
+    def __post_init__(self):
+        _check_positive("resources.processes", self.processes)
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "masks": MasksConfig,
@@ -215,6 +239,7 @@ SECTIONS: dict[str, type] = {
     "evaluate": EvaluateConfig,
     "weights": WeightsConfig,
     "tracking": TrackingConfig,
+    "resources": ResourcesConfig,
 }
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16, which LPIPS builds on
 STAND_IN = "stand-in"
+STAND_IN_SEED = 0  # stand-in networks are built under this seed: the same random weights every run
 
 
 def hub_checkpoint(filename: str) -> Path:
@@ -40,8 +41,11 @@ def load_lpips(vgg16: str | None) -> nn.Module:
     """
     import lpips
 
-    with warnings.catch_warnings():
+    # Under a fixed seed, without touching the caller's random stream: a stand-in must give the
+    # same numbers on every run (evaluation, the pipeline on SLURM against the local one).
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore")  # torchvision's deprecated `pretrained=` inside lpips
+        torch.manual_seed(STAND_IN_SEED)
         model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
     if vgg16 != STAND_IN:
         path = weight_file(vgg16, VGG16_FILE, "weights.vgg16", "LPIPS needs torchvision's ImageNet VGG16 weights")

@@ -14,8 +14,7 @@ rule default_data:
     log:
         "logs/default_data.log",
     resources:
-        mem_mb=1000,
-        runtime=10,
+        **job_resources("light", gpus=0),
     shell:
         "latent-inpaint default-data --count {params.images} --size {params.size}"
         " --seed {params.seed} --out {output} 2>&1 | tee {log}"
@@ -32,8 +31,7 @@ rule prepare:
         "logs/prepare.log",
     threads: DATA["workers"]
     resources:
-        mem_mb=lambda wildcards, threads: 1000 + 1000 * threads,
-        runtime=240,
+        **job_resources("light", gpus=0),
     shell:
         "latent-inpaint prepare --quiet --config-json {params.cfg:q} --set data.workers={threads}"
         " --source {input} --out data/shards 2>&1 | tee {log}"
@@ -50,8 +48,7 @@ rule masks:
     log:
         "logs/masks.log",
     resources:
-        mem_mb=2000,
-        runtime=60,
+        **job_resources("light", gpus=0),
     shell:
         "latent-inpaint masks --quiet --config-json {params.cfg:q}"
         " --shards data/shards --out data/masks 2>&1 | tee {log}"

@@ -17,14 +17,14 @@ rule encoder_vanilla:
         cfg=sections("encoder", "masks", "train"),
     log:
         "logs/encoder_vanilla.log",
-    threads: TRAIN["workers"] + 1
+    threads: PROCESSES * (TRAIN["workers"] + 1)
     resources:
-        mem_mb=16000,
-        runtime=2880,
-        gpu=1,
+        **job_resources("train", gpus=PROCESSES),
+        processes=PROCESSES,
     shell:
-        "latent-inpaint train-encoder --quiet --kind vanilla --restart-on-change --config-json {params.cfg:q}"
-        " --vqgan runs/vqgan/final --shards data/shards --tokens data/tokens --run-dir runs/encoder_vanilla"
+        "latent-inpaint train-encoder --quiet --processes {resources.processes} --kind vanilla --restart-on-change"
+        " --config-json {params.cfg:q} --vqgan runs/vqgan/final --shards data/shards --tokens data/tokens"
+        " --run-dir runs/encoder_vanilla"
         " 2>&1 | tee {log}"
 
 
@@ -40,9 +40,7 @@ rule evaluate:
     log:
         "logs/evaluate.log",
     resources:
-        mem_mb=16000,
-        runtime=720,
-        gpu=1,
+        **job_resources("infer"),
     shell:
         "latent-inpaint evaluate --quiet --baseline --config-json {params.cfg:q}"
         " --out results/metrics.json --table results/table1.md 2>&1 | tee {log}"
@@ -60,9 +58,7 @@ rule ablation:
     log:
         "logs/ablation_{variant}.log",
     resources:
-        mem_mb=16000,
-        runtime=720,
-        gpu=1,
+        **job_resources("infer"),
     shell:
         "latent-inpaint evaluate --quiet --variant {wildcards.variant} --kinds box --no-diversity"
         " --config-json {params.cfg:q} --out {output} 2>&1 | tee {log}"
@@ -81,7 +77,6 @@ rule report:
     log:
         "logs/report.log",
     resources:
-        mem_mb=8000,
-        runtime=60,
+        **job_resources("light", gpus=0),
     shell:
         "latent-inpaint report --quiet --config-json {params.cfg:q} --ablations {input.ablations} 2>&1 | tee {log}"

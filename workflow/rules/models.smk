@@ -13,14 +13,14 @@ rule encoder:
         cfg=sections("encoder", "masks", "train"),
     log:
         "logs/encoder.log",
-    threads: TRAIN["workers"] + 1
+    threads: PROCESSES * (TRAIN["workers"] + 1)
     resources:
-        mem_mb=16000,
-        runtime=2880,
-        gpu=1,
+        **job_resources("train", gpus=PROCESSES),
+        processes=PROCESSES,
     shell:
-        "latent-inpaint train-encoder --quiet --restart-on-change --config-json {params.cfg:q} --vqgan runs/vqgan/final"
-        " --shards data/shards --tokens data/tokens --run-dir runs/encoder 2>&1 | tee {log}"
+        "latent-inpaint train-encoder --quiet --processes {resources.processes} --restart-on-change"
+        " --config-json {params.cfg:q} --vqgan runs/vqgan/final --shards data/shards --tokens data/tokens"
+        " --run-dir runs/encoder 2>&1 | tee {log}"
 
 
 rule transformer:
@@ -33,14 +33,14 @@ rule transformer:
         cfg=sections("transformer", "train"),
     log:
         "logs/transformer.log",
-    threads: 2
+    threads: PROCESSES * (TRAIN["workers"] + 1)
     resources:
-        mem_mb=32000,
-        runtime=4320,
-        gpu=1,
+        **job_resources("train", gpus=PROCESSES),
+        processes=PROCESSES,
     shell:
-        "latent-inpaint train-transformer --quiet --restart-on-change --config-json {params.cfg:q} --vqgan runs/vqgan/final"
-        " --tokens data/tokens --run-dir runs/transformer 2>&1 | tee {log}"
+        "latent-inpaint train-transformer --quiet --processes {resources.processes} --restart-on-change"
+        " --config-json {params.cfg:q} --vqgan runs/vqgan/final --tokens data/tokens --run-dir runs/transformer"
+        " 2>&1 | tee {log}"
 
 
 rule decoder:
@@ -54,11 +54,11 @@ rule decoder:
         cfg=sections("decoder", "masks", "train", "weights", "encoder"),
     log:
         "logs/decoder.log",
-    threads: TRAIN["workers"] + 1
+    threads: PROCESSES * (TRAIN["workers"] + 1)
     resources:
-        mem_mb=16000,
-        runtime=2880,
-        gpu=1,
+        **job_resources("train", gpus=PROCESSES),
+        processes=PROCESSES,
     shell:
-        "latent-inpaint train-decoder --quiet --restart-on-change --config-json {params.cfg:q}"
-        " --vqgan runs/vqgan/final --shards data/shards --tokens data/tokens --run-dir runs/decoder 2>&1 | tee {log}"
+        "latent-inpaint train-decoder --quiet --processes {resources.processes} --restart-on-change"
+        " --config-json {params.cfg:q} --vqgan runs/vqgan/final --shards data/shards --tokens data/tokens"
+        " --run-dir runs/decoder 2>&1 | tee {log}"

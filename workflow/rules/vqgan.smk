@@ -12,14 +12,13 @@ rule vqgan:
         cfg=sections("vqgan", "train", "weights"),
     log:
         "logs/vqgan.log",
-    threads: TRAIN["workers"] + 1
+    threads: PROCESSES * (TRAIN["workers"] + 1)
     resources:
-        mem_mb=16000,
-        runtime=2880,
-        gpu=1,
+        **job_resources("train", gpus=PROCESSES),
+        processes=PROCESSES,
     shell:
-        "latent-inpaint train-vqgan --quiet --restart-on-change --config-json {params.cfg:q}"
-        " --shards data/shards --run-dir runs/vqgan 2>&1 | tee {log}"
+        "latent-inpaint train-vqgan --quiet --processes {resources.processes} --restart-on-change"
+        " --config-json {params.cfg:q} --shards data/shards --run-dir runs/vqgan 2>&1 | tee {log}"
 
 
 rule tokens:
@@ -31,9 +30,7 @@ rule tokens:
     log:
         "logs/tokens.log",
     resources:
-        mem_mb=8000,
-        runtime=600,
-        gpu=1,
+        **job_resources("infer"),
     shell:
         "latent-inpaint tokenize --quiet --vqgan runs/vqgan/final"
         " --shards data/shards --out data/tokens 2>&1 | tee {log}"

@@ -36,10 +36,9 @@ from pytorch_fid.inception import (
 )
 from torch import nn
 
-from ..losses import STAND_IN, weight_file
+from ..losses import STAND_IN, STAND_IN_SEED, weight_file
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
-STAND_IN_SEED = 0
 INPUT_SIZE = 299
 
 

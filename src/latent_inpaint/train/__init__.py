@@ -14,6 +14,7 @@ from .loop import (
     loop_settings,
     param_digest,
     scaled_lr,
+    seed_everything,
     train,
 )
 
@@ -26,6 +27,7 @@ __all__ = [
     "loop_settings",
     "param_digest",
     "scaled_lr",
+    "seed_everything",
     "train",
     "unwrap",
     "world_size",

@@ -236,7 +236,7 @@ def _train(stage, cfg, steps, run_dir, tracking, params, d: Distributed) -> dict
         _load_checkpoint(run_dir / CHECKPOINT, saved, modules, optimizers, d, cfg.seed)
         start, resumed_from, losses = saved["step"], saved["resumed_from"] + [saved["step"]], saved["losses"]
     else:
-        _seed(cfg.seed + d.rank)
+        seed_everything(cfg.seed + d.rank)
 
     unused = getattr(stage, "find_unused_parameters", False)
     wrapped = {n: d.wrap(m, unused) for n, m in modules.items()}
@@ -491,7 +491,9 @@ def _data_seed(seed: int, start: int) -> int:
     return seed if start == 0 else (seed * 1_000_003 + start) % 2**31
 
 
-def _seed(seed: int) -> None:
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and random. Also called before a stage builds its modules, so that the
+    same train.seed gives the same initial weights (DDP then broadcasts rank 0's anyway)."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
@@ -650,7 +652,7 @@ def _load_checkpoint(folder: Path, info: dict, modules, optimizers, d: Distribut
     if d.rank < len(state["rng"]):
         _set_rng_state(state["rng"][d.rank], d.device)
     else:  # more ranks than the checkpoint was written by
-        _seed(seed + d.rank + 7919 * info["step"])
+        seed_everything(seed + d.rank + 7919 * info["step"])
 
 
 def _write_weights(folder: Path, modules: Mapping[str, nn.Module]) -> dict[str, str]:

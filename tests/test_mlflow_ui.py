@@ -1,0 +1,228 @@
+"""`latent-inpaint mlflow-ui` for real: a run logged by the tracking API, read back over REST."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO, venv_bin
+from PIL import Image
+
+from latent_inpaint import tracking
+from latent_inpaint.config import load_params, section
+
+pytestmark = pytest.mark.slow
+
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+LOSSES = [(0, 3.0), (10, 2.0), (20, 1.5)]
+PARAMS = {"data": {"size": 32}, "vqgan": {"steps": 20, "lr": 1e-4}}
+FLAT_PARAMS = {"data.size": "32", "vqgan.steps": "20", "vqgan.lr": "0.0001"}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A working directory with the project's params.yaml and no inherited tracking URI."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    work = tmp_path / "project"
+    work.mkdir()
+    shutil.copyfile(REPO / "params.yaml", work / "params.yaml")
+    return work
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _log_run(workdir: Path, picture: Path) -> str:
+    """One stage's params, a loss at steps 0/10/20 and a picture, as the pipeline logs them."""
+    cfg = section(load_params([workdir / "params.yaml"]), "tracking")
+    with tracking.stage_run("vqgan", cfg, PARAMS, workdir) as run:
+        for step, loss in LOSSES:
+            run.log_metrics({"loss": loss}, step=step)
+        run.log_image(picture, "samples/grid.png")
+        return run.run_id
+
+
+def _picture(path: Path) -> Path:
+    img = Image.new("RGB", (16, 16))
+    img.putdata([(16 * x, 16 * y, 128) for y in range(16) for x in range(16)])
+    img.save(path)
+    return path
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group, SIGKILL if it lingers; the group ends empty."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=STOP_TIMEOUT_S)
+    # The uvicorn child may outlive its parent by a moment; what is left after that is killed.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _ui(cwd: Path, port: int, log: Path) -> Iterator[subprocess.Popen]:
+    """`latent-inpaint mlflow-ui --port N` in `cwd`, stopped and its port closed on the way out."""
+    env = {**os.environ, "PATH": venv_bin()}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    exe = Path(sys.executable).parent / "latent-inpaint"
+    with open(log, "wb") as out:
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            [str(exe), "mlflow-ui", "--port", str(port)],
+            cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"mlflow-ui exited with {proc.returncode}:\n{log.read_text()}")
+                if time.monotonic() - start > START_TIMEOUT_S:
+                    pytest.fail(f"mlflow-ui did not answer in {START_TIMEOUT_S:.0f} s:\n{log.read_text()}")
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    time.sleep(0.25)
+            yield proc
+        finally:
+            _stop(proc)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+class _Rest:
+    def __init__(self, port: int):
+        self.base = f"http://127.0.0.1:{port}"
+
+    def raw(self, path: str, /, **query) -> bytes:
+        url = f"{self.base}{path}?{urllib.parse.urlencode(query)}" if query else f"{self.base}{path}"
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.read()
+
+    def get(self, endpoint: str, /, **query) -> dict:
+        return json.loads(self.raw(f"/api/2.0/mlflow/{endpoint}", **query))
+
+    def post(self, endpoint: str, body: dict) -> dict:
+        req = urllib.request.Request(
+            f"{self.base}/api/2.0/mlflow/{endpoint}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    def check_run(self, experiment: str, run_id: str, picture: Path) -> None:
+        """The logged run as the UI server reports it: params, loss by step, the PNG's bytes."""
+        exp = self.get("experiments/get-by-name", experiment_name=experiment)["experiment"]
+        (run,) = self.post("runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+        assert run["info"]["run_id"] == run_id
+        assert run["info"]["status"] == "FINISHED"
+        params = {p["key"]: p["value"] for p in run["data"]["params"]}
+        assert params == FLAT_PARAMS
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert tags["latent_inpaint.stage.vqgan"] == "done"
+
+        history = self.get("metrics/get-history", run_id=run_id, metric_key="vqgan/loss")["metrics"]
+        assert sorted((m["step"], m["value"]) for m in history) == LOSSES
+
+        listed = self.get("artifacts/list", run_id=run_id, path="vqgan/samples")["files"]
+        assert [(f["path"], f["is_dir"]) for f in listed] == [("vqgan/samples/grid.png", False)]
+        assert int(listed[0]["file_size"]) == picture.stat().st_size
+        data = self.raw("/get-artifact", path="vqgan/samples/grid.png", run_uuid=run_id)
+        assert data.startswith(PNG_SIGNATURE)
+        assert data == picture.read_bytes()
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses (kernel hex) of the TCP sockets listening on `port`, IPv4 and IPv6."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(addr)
+    return found
+
+
+def _non_loopback_address() -> str | None:
+    """This machine's address on its default route (a UDP connect sends nothing), if any."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))
+            addr = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if addr.startswith("127.") or addr == "0.0.0.0" else addr
+
+
+def test_mlflow_ui_serves_the_embedded_store_on_loopback(project, tmp_path):
+    picture = _picture(tmp_path / "grid.png")
+    run_id = _log_run(project, picture)
+    assert (project / "mlflow.db").is_file() and (project / "mlruns").is_dir()
+
+    port = _free_port()
+    log = tmp_path / "ui.log"
+    with _ui(project, port, log) as proc:
+        assert "starting:" in log.read_text()
+        # `latent-inpaint` execs mlflow in place: the same pid now runs `mlflow ui`.
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode().split("\0")
+        assert argv[argv.index("--host") + 1] == "127.0.0.1"
+        assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{project.resolve() / 'mlflow.db'}"
+        if Path("/proc/net/tcp").exists():
+            assert _listening_addresses(port) == {"0100007F"}  # 127.0.0.1, nothing on IPv6
+        other = _non_loopback_address()
+        if other is not None:
+            with pytest.raises(OSError):
+                socket.create_connection((other, port), timeout=2).close()
+
+        _Rest(port).check_run("latent-inpaint", run_id, picture)
+
+
+def test_tracking_uri_names_a_team_server(project, tmp_path, monkeypatch):
+    server_dir = tmp_path / "team-server"
+    server_dir.mkdir()
+    shutil.copyfile(REPO / "params.yaml", server_dir / "params.yaml")
+    picture = _picture(tmp_path / "grid.png")
+
+    port = _free_port()
+    with _ui(server_dir, port, tmp_path / "server.log"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        monkeypatch.chdir(project)
+        run_id = _log_run(project, picture)
+        _Rest(port).check_run("latent-inpaint", run_id, picture)
+
+    assert not (project / "mlflow.db").exists() and not (project / "mlruns").exists()
+    assert (server_dir / "mlflow.db").is_file()
+    assert [p.name for p in (server_dir / "mlartifacts").rglob("grid.png")] == ["grid.png"]
