@@ -28,7 +28,7 @@ SLURM = (
     # The tiny jobs take seconds: poll every few seconds (the plugin's default first wait is 40 s).
     "--slurm-init-seconds-before-status-checks", "2",
 )
-TIMEOUT = 1200  # seconds for one workflow; `timeout -s KILL` style: a hung status loop fails the test
+TIMEOUT = 1200  # seconds for one workflow, then SIGKILL: a hung status loop fails the test, never hangs CI
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,8 @@ def cluster():
     assert started.returncode == 0, started.stdout + started.stderr
     conf = started.stdout.strip().rpartition("SLURM_CONF=")[2]
     env = {**os.environ, "SLURM_CONF": conf, "PATH": venv_bin()}
-    env.pop("MLFLOW_TRACKING_URI", None)  # each project's own embedded store
+    for inherited in ("MLFLOW_TRACKING_URI", "LATENT_INPAINT_INVOCATION", "LATENT_INPAINT_TRACKING"):
+        env.pop(inherited, None)  # each project tracks into its own embedded store, its own run
     yield env
     if "already running" not in started.stderr:
         subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=120, check=False)
@@ -165,8 +166,10 @@ def test_a_preempted_training_job_resumes_from_its_checkpoint(cluster, tmp_path)
     set_param(project, "vqgan", "steps", 240)
     set_param(project, "train", "checkpoint_every", 20)
     run_dir = project / "runs/vqgan"
-    workflow = subprocess.Popen([*SLURM, "runs/vqgan/final/config.json"], cwd=project, env=cluster,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = tmp_path / "snakemake.log"  # a file, not a pipe nobody reads while the test waits
+    with output.open("w") as out:
+        workflow = subprocess.Popen([*SLURM, "runs/vqgan/final/config.json"], cwd=project, env=cluster, stdout=out,
+                                    stderr=subprocess.STDOUT)
     try:
         # 1. SLURM preempts the job and requeues it (PreemptMode=REQUEUE does exactly this).
         wait_for(lambda: checkpoint_step(run_dir) >= 20, "the first checkpoint")
@@ -181,10 +184,11 @@ def test_a_preempted_training_job_resumes_from_its_checkpoint(cluster, tmp_path)
         wait_for(lambda: checkpoint_step(run_dir) > requeued_at, "a checkpoint after the requeue")
         assert running_job(cluster, "vqgan") == first
         subprocess.run(["scancel", first], env=cluster, check=True, timeout=60)
-        log, _ = workflow.communicate(timeout=TIMEOUT)
+        workflow.wait(timeout=TIMEOUT)
     finally:
         if workflow.poll() is None:
             workflow.kill()
+    log = output.read_text()
     assert workflow.returncode == 0, log[-6000:]
 
     ids = submitted(log)

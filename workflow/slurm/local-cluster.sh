@@ -3,7 +3,8 @@
 # slurm profile without a cluster:
 #
 #   eval "$(bash workflow/slurm/local-cluster.sh start)"   # prints `export SLURM_CONF=...`
-#   snakemake --profile workflow/profiles/slurm --slurm-status-command squeue
+#   snakemake --profile workflow/profiles/slurm --slurm-status-command squeue \
+#       --slurm-init-seconds-before-status-checks 2 --max-threads "$(nproc)"
 #   bash workflow/slurm/local-cluster.sh stop
 #
 # It installs Debian's slurm-wlm and munge when they are missing (root, apt), starts munged,
