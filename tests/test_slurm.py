@@ -69,17 +69,14 @@ def scheduler(env: dict, *job_ids: str) -> dict[str, dict]:
     return {i: {"state": s, "rule": re.sub(r"^rule_|_wildcards.*$", "", k), "cpus": int(c)} for i, s, k, c in rows}
 
 
-def running_job(env: dict, rule: str, timeout: float = 300) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def running_job(env: dict, rule: str) -> str:
+    def find() -> str | None:
         out = subprocess.run(["squeue", "--noheader", "--states=RUNNING", "--format=%i|%k"], env=env,
                              capture_output=True, text=True, timeout=60, check=True).stdout
-        for line in out.splitlines():
-            job_id, comment = line.split("|")
-            if comment.startswith(f"rule_{rule}"):
-                return job_id
-        time.sleep(0.5)
-    raise AssertionError(f"no running {rule} job in the scheduler after {timeout} s")
+        return next((i for i, comment in (line.split("|") for line in out.splitlines())
+                     if comment.startswith(f"rule_{rule}")), None)
+
+    return wait_for(find, f"a running {rule} job in the scheduler")
 
 
 def wait_for(condition, what: str, timeout: float = 300):

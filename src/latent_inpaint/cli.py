@@ -17,10 +17,6 @@ from pathlib import Path
 from .config import ConfigError, TrackingConfig, build, load_params, section, to_dict
 
 TRACKING_ENV = "LATENT_INPAINT_TRACKING"  # set by the Snakefile: tracking is not a rerun trigger
-PROCESSES_HELP = ("train with N processes: the command starts itself under torchrun (one per GPU on a "
-                  "GPU node, gloo processes on CPU); default 1")
-RESTART_HELP = ("if the run folder holds a run of other parameters, move it to <run-dir>/previous/ and train "
-                "afresh (default: refuse, naming the differences)")
 
 
 def _params(args) -> dict:
@@ -403,6 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override one parameter, e.g. --set data.size=128")
     common.add_argument("--config-json", metavar="JSON", help="whole sections as JSON (used by Snakemake rules)")
     common.add_argument("--quiet", action="store_true", help="no progress bar")
+    training = argparse.ArgumentParser(add_help=False)  # what every train-* command shares
+    training.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the local GPU if any)")
+    training.add_argument("--restart-on-change", action="store_true",
+                          help="if the run folder holds a run of other parameters, move it to <run-dir>/previous/ "
+                               "and train afresh (default: refuse, naming the differences)")
+    training.add_argument("--processes", type=int, default=1, metavar="N",
+                          help="train with N processes: the command starts itself under torchrun (one per GPU on "
+                               "a GPU node, gloo processes on CPU); default 1")
 
     parser = argparse.ArgumentParser(prog="latent-inpaint", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -425,14 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data/masks")
     p.set_defaults(func=cmd_masks)
 
-    p = sub.add_parser("train-vqgan", parents=[common], help="stage 0: train the VQGAN (or import vqgan.pretrained)")
+    p = sub.add_parser("train-vqgan", parents=[common, training], help="stage 0: train the VQGAN (or import vqgan.pretrained)")
     p.add_argument("--shards", default="data/shards")
     p.add_argument("--run-dir", default="runs/vqgan")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the local GPU if any)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow a pickled (Lightning) .ckpt when importing vqgan.pretrained: only for files you trust")
-    p.add_argument("--restart-on-change", action="store_true", help=RESTART_HELP)
-    p.add_argument("--processes", type=int, default=1, metavar="N", help=PROCESSES_HELP)
     p.set_defaults(func=cmd_train_vqgan)
 
     p = sub.add_parser("import-vqgan", parents=[common],
@@ -452,34 +453,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.set_defaults(func=cmd_tokenize)
 
-    p = sub.add_parser("train-encoder", parents=[common], help="stage 1: the restrictive (or vanilla) encoder")
+    p = sub.add_parser("train-encoder", parents=[common, training], help="stage 1: the restrictive (or vanilla) encoder")
     p.add_argument("--kind", choices=["restrictive", "vanilla"], default="restrictive")
     p.add_argument("--vqgan", default="runs/vqgan/final")
     p.add_argument("--shards", default="data/shards")
     p.add_argument("--tokens", default="data/tokens")
     p.add_argument("--run-dir", default="runs/encoder")
-    p.add_argument("--device")
-    p.add_argument("--restart-on-change", action="store_true", help=RESTART_HELP)
-    p.add_argument("--processes", type=int, default=1, metavar="N", help=PROCESSES_HELP)
     p.set_defaults(func=cmd_train_encoder)
 
-    p = sub.add_parser("train-transformer", parents=[common], help="stage 2: the bidirectional transformer")
+    p = sub.add_parser("train-transformer", parents=[common, training], help="stage 2: the bidirectional transformer")
     p.add_argument("--vqgan", default="runs/vqgan/final", help="its codebook feeds the transformer")
     p.add_argument("--tokens", default="data/tokens")
     p.add_argument("--run-dir", default="runs/transformer")
-    p.add_argument("--device")
-    p.add_argument("--restart-on-change", action="store_true", help=RESTART_HELP)
-    p.add_argument("--processes", type=int, default=1, metavar="N", help=PROCESSES_HELP)
     p.set_defaults(func=cmd_train_transformer)
 
-    p = sub.add_parser("train-decoder", parents=[common], help="stage 3: the decoder (E_prt + coupling + G)")
+    p = sub.add_parser("train-decoder", parents=[common, training], help="stage 3: the decoder (E_prt + coupling + G)")
     p.add_argument("--vqgan", default="runs/vqgan/final")
     p.add_argument("--shards", default="data/shards")
     p.add_argument("--tokens", default="data/tokens")
     p.add_argument("--run-dir", default="runs/decoder")
-    p.add_argument("--device")
-    p.add_argument("--restart-on-change", action="store_true", help=RESTART_HELP)
-    p.add_argument("--processes", type=int, default=1, metavar="N", help=PROCESSES_HELP)
     p.set_defaults(func=cmd_train_decoder)
 
     p = sub.add_parser("figure-alpha", parents=[common], help="Figure 3: a mask and its token masks per alpha")
