@@ -13,7 +13,8 @@ import torch
 from pytorch_fid.inception import InceptionV3
 
 from latent_inpaint.evaluate.baseline import biharmonic_inpaint
-from latent_inpaint.evaluate.fid import FID, INCEPTION_FILE, inception_is_stand_in
+from latent_inpaint.evaluate.fid import FID, INCEPTION_FILE
+from latent_inpaint.weights import is_stand_in
 from latent_inpaint.evaluate.metrics import (
     PSNR_CAP, diversity, diversity_summary, hole_l1, hole_psnr, ssim,
 )
@@ -73,7 +74,7 @@ def test_fid_loads_inception_weights_from_a_file_and_explains_a_missing_one(tmp_
     before = torch.random.get_rng_state()
     stand_in = FID("stand-in", batch_size=2)
     assert torch.equal(torch.random.get_rng_state(), before)  # the seeded build leaves the caller's stream alone
-    assert stand_in.inception_is_stand_in and inception_is_stand_in("stand-in") and not inception_is_stand_in(None)
+    assert stand_in.inception_is_stand_in and is_stand_in("stand-in") and not is_stand_in(None)
     path = tmp_path / INCEPTION_FILE
     torch.save(stand_in.inception.state_dict(), path)  # the standard file's layout
     loaded = FID(str(path), batch_size=2)

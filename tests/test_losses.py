@@ -8,8 +8,9 @@ import torchvision
 
 from latent_inpaint.losses import (
     NLayerDiscriminator, adaptive_weight, hinge_d_loss, load_lpips, nonsaturating_d_loss,
-    nonsaturating_g_loss, psnr, r1_penalty,
+    nonsaturating_g_loss, r1_penalty,
 )
+from latent_inpaint.evaluate.metrics import errors
 
 
 def test_lpips_loads_vgg16_weights_from_a_file_and_explains_a_missing_one(tmp_path):
@@ -69,4 +70,10 @@ def test_patchgan_has_tamings_layout_and_psnr_is_exact():
     x = torch.zeros(2, 3, 4, 4)
     y = x.clone()
     y[1] += 0.2  # error 0.1 in [0, 1] units: 20 dB
-    assert psnr(x, y)[1].item() == pytest.approx(20.0, abs=1e-4)
+    l1, psnr = errors(x, y)
+    assert psnr[1].item() == pytest.approx(20.0, abs=1e-4) and l1[1].item() == pytest.approx(0.1)
+    hole = torch.ones(2, 1, 4, 4)
+    hole[1, :, :2] = 0  # only the hole counts: the same error there, none elsewhere
+    y[1, :, 2:] = x[1, :, 2:]
+    assert errors(x, y, hole)[1][1].item() == pytest.approx(20.0, abs=1e-4)
+    assert errors(x, y, hole)[1][0].item() == pytest.approx(100.0)  # no hole: the MSE floor

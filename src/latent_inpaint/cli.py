@@ -14,19 +14,16 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, TrackingConfig, build, load_params, section, to_dict
-
-TRACKING_ENV = "LATENT_INPAINT_TRACKING"  # set by the Snakefile: tracking is not a rerun trigger
-
+from .config import ConfigError, load_params, section, to_dict
 
 def _params(args) -> dict:
     return load_params(args.params, args.set, args.config_json)
 
 
-def _tracking(params: dict) -> TrackingConfig:
-    if os.environ.get(TRACKING_ENV):
-        return build(TrackingConfig, json.loads(os.environ[TRACKING_ENV]), f"${TRACKING_ENV}")
-    return section(params, "tracking")
+def _tracking(params: dict):
+    from .tracking import tracking_config
+
+    return tracking_config(params)
 
 
 def cmd_default_data(args) -> None:

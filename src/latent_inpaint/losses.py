@@ -4,33 +4,14 @@ terms, taming's adaptive GAN weight, and R1."""
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .weights import STAND_IN_SEED, is_stand_in, weight_file
+
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16, which LPIPS builds on
-STAND_IN = "stand-in"
-STAND_IN_SEED = 0  # stand-in networks are built under this seed: the same random weights every run
-
-
-def hub_checkpoint(filename: str) -> Path:
-    """Where torch.hub caches a downloaded weight file ($TORCH_HOME/hub/checkpoints)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
-
-
-def weight_file(setting: str | None, filename: str, param: str, needed: str) -> Path:
-    """A standard pretrained file, never downloaded: the path `setting` names, or with None the
-    torch hub cache; an absent file is an error saying where to put it and which param to set."""
-    path = Path(setting) if setting else hub_checkpoint(filename)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{needed} ({filename}) and {path} does not exist. Copy the file to {hub_checkpoint(filename)} "
-            f"(the torch hub cache), or set {param} in params.yaml to its path (or to 'stand-in' for an "
-            "offline smoke run)."
-        )
-    return path
 
 
 def load_lpips(vgg16: str | None) -> nn.Module:
@@ -47,7 +28,7 @@ def load_lpips(vgg16: str | None) -> nn.Module:
         warnings.simplefilter("ignore")  # torchvision's deprecated `pretrained=` inside lpips
         torch.manual_seed(STAND_IN_SEED)
         model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
-    if vgg16 != STAND_IN:
+    if not is_stand_in(vgg16):
         path = weight_file(vgg16, VGG16_FILE, "weights.vgg16", "LPIPS needs torchvision's ImageNet VGG16 weights")
         state = torch.load(path, map_location="cpu", weights_only=True)
         # lpips keeps torchvision's layer indices inside five slices: net.slice<k>.<index>.<param>
@@ -55,7 +36,7 @@ def load_lpips(vgg16: str | None) -> nn.Module:
             for name, param in model.net.named_parameters():
                 _, index, kind = name.split(".")
                 param.copy_(state[f"features.{index}.{kind}"])
-    model.stand_in = vgg16 == STAND_IN
+    model.stand_in = is_stand_in(vgg16)
     return model.eval().requires_grad_(False)
 
 
@@ -112,9 +93,3 @@ def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.T
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
     return torch.clamp(weight, 0.0, 1e4).detach() * scale
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of images in [-1, 1]; (B,)."""
-    mse = ((x - y) / 2).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))

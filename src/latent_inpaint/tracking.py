@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from .config import TrackingConfig
 
+TRACKING_ENV = "LATENT_INPAINT_TRACKING"  # set by the Snakefile: tracking settings are no rerun trigger
 INVOCATION_ENV = "LATENT_INPAINT_INVOCATION"
 INVOCATION_TAG = "latent_inpaint.invocation"
 STAGE_TAG_PREFIX = "latent_inpaint.stage."  # + stage name: running | done | failed
@@ -53,6 +54,15 @@ _log = logging.getLogger(__name__)
 
 class ParamConflictError(ValueError):
     """A stage logged a parameter that its pipeline run already holds with another value."""
+
+
+def tracking_config(params: Mapping[str, Any]) -> TrackingConfig:
+    """The tracking settings: $LATENT_INPAINT_TRACKING (JSON, from the Snakefile) or params'."""
+    from .config import TrackingConfig, build, section
+
+    if os.environ.get(TRACKING_ENV):
+        return build(TrackingConfig, json.loads(os.environ[TRACKING_ENV]), f"${TRACKING_ENV}")
+    return section(params, "tracking")
 
 
 def resolve_uri(cfg: TrackingConfig, workdir: str | os.PathLike | None = None) -> str:

@@ -36,15 +36,10 @@ from pytorch_fid.inception import (
 )
 from torch import nn
 
-from ..losses import STAND_IN, STAND_IN_SEED, weight_file
+from ..weights import STAND_IN_SEED, is_stand_in, weight_file
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INPUT_SIZE = 299
-
-
-def inception_is_stand_in(weights: str | None) -> bool:
-    """Whether FIDs computed with these `weights.inception` must be labelled stand-in."""
-    return weights == STAND_IN
 
 
 def fid_inception(weights: str | None) -> nn.Module:
@@ -52,7 +47,7 @@ def fid_inception(weights: str | None) -> nn.Module:
     patched blocks, built as `fid_inception_v3` builds it), with the state-dict layout of the
     standard weight file, frozen, in eval mode."""
     path = None
-    if weights != STAND_IN:
+    if not is_stand_in(weights):
         path = weight_file(weights, INCEPTION_FILE, "weights.inception",
                            f"FID needs the standard FID Inception-v3 weights, published at {FID_WEIGHTS_URL}")
     # Built under a fixed seed so a stand-in is the same network on every run, without touching
@@ -109,7 +104,7 @@ class FID:
         self.device, self.batch_size, self.dims = torch.device(device), batch_size, dims
         self.inception = fid_inception(weights)  # its state_dict() has the weight file's layout
         self.layers = _feature_layers(self.inception, dims).to(self.device)
-        self.inception_is_stand_in = inception_is_stand_in(weights)
+        self.inception_is_stand_in = is_stand_in(weights)
 
     def _batches(self, images) -> Iterable:
         if isinstance(images, (np.ndarray, torch.Tensor)):

@@ -16,7 +16,7 @@ import torch
 from skimage.metrics import structural_similarity
 from torch import nn
 
-# An exact fill has infinite PSNR; like losses.psnr, floor the MSE at 1e-10 (a 100 dB cap) so
+# An exact fill has infinite PSNR; floor the MSE at 1e-10 (a 100 dB cap) so
 # averages and metrics JSON stay finite.
 MSE_FLOOR = 1e-10
 PSNR_CAP = 10 * np.log10(1 / MSE_FLOOR)
@@ -32,29 +32,46 @@ def _unit(image) -> np.ndarray:
     raise TypeError(f"images must be uint8 or float in [-1, 1], got {a.dtype}")
 
 
-def _hole_errors(pred, target, mask) -> np.ndarray:
-    """Absolute errors of the hole pixels, (n_hole_pixels, C)."""
+def errors(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image (L1, PSNR in dB) of images in [-1, 1], on the [0, 1] scale (peak 1); (B,), (B,).
+
+    The one PSNR of the project. With `mask` (B, 1, H, W), 1 = visible, only the hole pixels
+    count; an image without a hole then scores L1 0 and the PSNR of the MSE floor (100 dB)."""
+    dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32  # never bf16 sums
+    diff = (x.to(dtype) - y.to(dtype)) / 2  # (B, C, H, W) on the [0, 1] scale
+    weight = torch.ones_like(diff) if mask is None else (mask < 0.5).to(diff.dtype).expand_as(diff)
+    count = weight.flatten(1).sum(1).clamp(min=1.0)
+    l1 = (diff.abs() * weight).flatten(1).sum(1) / count
+    mse = (diff.pow(2) * weight).flatten(1).sum(1) / count
+    return l1, 10 * torch.log10(1.0 / mse.clamp_min(MSE_FLOOR))
+
+
+def _hole_tensors(pred, target, mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(H, W[, 3]) arrays -> (1, C, H, W) tensors in [-1, 1] and the (1, 1, H, W) mask, checked."""
     p, t, m = _unit(pred), _unit(target), np.asarray(mask)
     if p.shape != t.shape or m.shape != p.shape[:2]:
         raise ValueError(f"shapes differ: pred {p.shape}, target {t.shape}, mask {m.shape}")
     if not np.isin(m, (0, 1)).all():
         raise ValueError("mask must hold 0 (hole) and 1 (visible) only; mask PNGs use 255: read them with "
                          "masks.load_mask")
-    hole = m == 0
-    if not hole.any():
+    if m.all():
         raise ValueError("mask has no hole pixels: nothing to measure")
-    return np.abs(p - t)[hole].reshape(int(hole.sum()), -1)
+
+    def image(a: np.ndarray) -> torch.Tensor:
+        a = a if a.ndim == 3 else a[..., None]
+        return torch.from_numpy(a * 2 - 1).permute(2, 0, 1)[None]  # (1, C, H, W), float64
+
+    return image(p), image(t), torch.from_numpy(m.astype(np.float64))[None, None]
 
 
 def hole_l1(pred, target, mask) -> float:
     """Mean absolute error over the hole pixels and channels, on the [0, 1] scale."""
-    return float(_hole_errors(pred, target, mask).mean())
+    return float(errors(*_hole_tensors(pred, target, mask))[0])
 
 
 def hole_psnr(pred, target, mask) -> float:
     """PSNR in dB (peak 1 on the [0, 1] scale) of the hole pixels only; capped at PSNR_CAP (100 dB)."""
-    mse = float((_hole_errors(pred, target, mask) ** 2).mean())
-    return float(10 * np.log10(1 / max(mse, MSE_FLOOR)))
+    return float(errors(*_hole_tensors(pred, target, mask))[1])
 
 
 def ssim(pred, target) -> float:
