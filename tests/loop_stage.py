@@ -24,13 +24,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from latent_inpaint.config import TrackingConfig, TrainConfig
-from latent_inpaint.train import train, unwrap
+from latent_inpaint.train import train
 
 IN, OUT, N_TRAIN, N_VAL = 4, 2, 64, 16
 
 
-def mlp(n_in: int, hidden: int, n_out: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, n_out))
+class Mlp(nn.Sequential):
+    """Linear-tanh-linear, with the spec() every saved module has."""
+
+    def __init__(self, n_in: int, hidden: int, n_out: int):
+        super().__init__(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, n_out))
+
+    def spec(self) -> dict:
+        return {"model": "Mlp", "n_in": self[0].in_features, "hidden": self[0].out_features,
+                "n_out": self[2].out_features}
 
 
 def dataset(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,12 +67,12 @@ class TinyStage:
         self.x, self.y = dataset(N_TRAIN, seed=1)
         self.val_x, self.val_y = dataset(N_VAL, seed=2)
         torch.manual_seed(seed)
-        self.modules = {"gen": mlp(IN, hidden, OUT), "critic": mlp(IN + OUT, hidden, 1)}
+        self.modules = {"gen": Mlp(IN, hidden, OUT), "critic": Mlp(IN + OUT, hidden, 1)}
         self.dtypes: set[torch.dtype] = set()  # what the generator computed in (autocast checks)
         self.leaks: list[str] = []  # gradients that reached another phase's parameters
         self._critic_step = -1
 
-    def optimizers(self, modules):
+    def optimizers(self, modules, world_size):
         return {
             "gen": torch.optim.Adam(modules["gen"].parameters(), lr=self.lr),
             "critic": torch.optim.SGD(modules["critic"].parameters(), lr=self.lr * 5, momentum=0.9),
@@ -91,7 +98,7 @@ class TinyStage:
                 time.sleep(self.step_delay)
             if self.progress is not None:
                 self.progress.write_text(str(step))
-            if any(p.requires_grad for p in unwrap(modules["critic"]).parameters()):
+            if any(p.requires_grad for p in modules["critic"].parameters()):
                 self.leaks.append(f"step {step}: the critic is trainable in the generator phase")
             pred = modules["gen"](x)  # (B, OUT)
             self.dtypes.add(pred.dtype)
@@ -103,7 +110,7 @@ class TinyStage:
             return None, {}
         if self._critic_step != step:  # the step's first micro-batch: no gradient yet
             self._critic_step = step
-            if any(p.grad is not None for p in unwrap(modules["critic"]).parameters()):
+            if any(p.grad is not None for p in modules["critic"].parameters()):
                 self.leaks.append(f"step {step}: the critic holds gradients before its phase")
         pred = scratch["pred"]
         err = (pred.float() - y).pow(2).mean(1, keepdim=True)  # (B, 1)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from conftest import REPO, params
-from latent_inpaint.config import SECTIONS, ConfigError, build, load_params, section, validate
+from latent_inpaint.config import (
+    PACKAGED_PARAMS, SECTIONS, ConfigError, build, default_params_file, load_params, section, validate,
+)
 
 
 def test_defaults_and_paper_overlay_build_every_section():
@@ -75,3 +79,14 @@ def test_configs_are_frozen_and_typed():
     assert set(SECTIONS) == set(params())
     with pytest.raises(ConfigError, match="must be a mapping"):
         build(SECTIONS["data"], [1, 2], "data")
+
+
+def test_defaults_come_from_the_project_folder_else_from_the_package(tmp_path, monkeypatch):
+    # One source of truth: the project's params.yaml is a link to the file the package ships.
+    assert (REPO / "params.yaml").resolve() == PACKAGED_PARAMS.resolve()
+    monkeypatch.chdir(tmp_path)
+    assert default_params_file() == PACKAGED_PARAMS
+    assert load_params() == load_params([PACKAGED_PARAMS])
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text().replace("  size: 64", "  size: 96"))
+    assert default_params_file() == Path("params.yaml")
+    assert section(load_params(), "data").size == 96

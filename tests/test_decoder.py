@@ -15,9 +15,12 @@ from latent_inpaint.config import section
 from latent_inpaint.data.default import build_default_dataset
 from latent_inpaint.data.ingest import prepare
 from latent_inpaint.decoder import InpaintDecoder, PartialEncoder, VanillaDecoder, couple
+from latent_inpaint.masks import eval_mask
 from latent_inpaint.partial_conv import token_mask
+from latent_inpaint.data.tokens import load_tokens
+from latent_inpaint.saved import load_model
 from latent_inpaint.stages.decoder import DecoderStage
-from latent_inpaint.stages.tokens import load_tokens, tokenize
+from latent_inpaint.stages.tokens import tokenize
 from latent_inpaint.train import param_digest, train
 from latent_inpaint.vqgan import VQModel
 
@@ -140,8 +143,8 @@ def data(tmp_path_factory, vq):
 
 def stage(root, vq, *overrides):
     p = params(*TINY, *overrides)
-    return DecoderStage(vq, section(p, "decoder"), section(p, "masks"), section(p, "train"), section(p, "weights"),
-                        root / "shards", root / "tokens", SIZE, vqgan(vq), alpha=section(p, "encoder").alpha), p
+    return DecoderStage(section(p, "decoder"), section(p, "masks"), section(p, "train"), section(p, "weights"),
+                        root / "shards", root / "tokens", vqgan(vq), alpha=section(p, "encoder").alpha), p
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +169,10 @@ def test_batches_hold_noisy_ground_truth_tokens_and_the_token_mask(data, vq, bui
             changed += best
             total += t.size
     share = changed / total  # replaced tokens that drew another code
+    masks = section(p, "masks")
+    val = next(s.data["val"].evaluation(4, "large", masks, limit=3))  # the evaluation's fixed masks
+    assert len(val.image) == 3 and all(np.array_equal(val.mask[i, 0].numpy(), eval_mask("large", SIZE, masks, "val", i))
+                                       for i in range(3))
     log.info("token noise %.3f, measured share of changed tokens %.3f", section(p, "decoder").token_noise, share)
     assert 0 < share < 2 * section(p, "decoder").token_noise
 
@@ -207,3 +214,11 @@ def test_decoder_stage_trains_both_phases_through_the_loop(data, vq, tmp_path):
     with torch.no_grad():
         picture = s.pictures(every, next(s.batches(0, 1, seed=1)))
     assert picture.size[1] > 3 * SIZE  # originals, masked inputs, composites
+
+    # The run folder alone rebuilds the trained decoder.
+    loaded = load_model(tmp_path / "run")
+    assert isinstance(loaded, InpaintDecoder) and not loaded.training
+    x, mask, tokens, m_hat = next(s.batches(0, 1, seed=2))
+    z_q = s.frozen["vqgan"].quantize.lookup(tokens)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, mask, z_q, m_hat)[0], s.modules["decoder"].eval()(x, mask, z_q, m_hat)[0])

@@ -10,8 +10,12 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from pytorch_fid.inception import InceptionV3
 
+from conftest import params
+from latent_inpaint.config import section
+from latent_inpaint.data.ingest import prepare
 from latent_inpaint.evaluate.baseline import biharmonic_inpaint
 from latent_inpaint.evaluate.fid import FID, INCEPTION_FILE
 from latent_inpaint.weights import is_stand_in
@@ -20,6 +24,7 @@ from latent_inpaint.evaluate.metrics import (
 )
 from latent_inpaint.evaluate.report import table_markdown, write_metrics_json
 from latent_inpaint.losses import load_lpips
+from latent_inpaint.stages import evaluate, masks
 
 
 def gradients(n: int, size: int = 32) -> np.ndarray:
@@ -188,3 +193,30 @@ def test_table_markdown_has_a_header_and_a_row_per_method(tmp_path):
     write_metrics_json(path, {"fid_box": np.float64(13.3), "n": np.int64(4)})
     assert json.loads(path.read_text()) == {"fid_box": 13.3, "n": 4}
     assert [p.name for p in path.parent.iterdir()] == ["evaluate.json"]  # no temporary left behind
+
+
+# ---------------------------------------------------------------------------------- the stage
+
+
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # 3 images < 64 dims: singular by design
+def test_evaluate_stage_scores_the_classical_reference_and_writes_metrics_and_table(tmp_path):
+    """The whole evaluate command below the CLI, on smooth ramps the biharmonic fill nearly restores."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, image in enumerate(gradients(8)):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    p = params("data.size=32", "data.min_side=16", "data.val_fraction=0.25", "data.test_fraction=0.5",
+               "masks.splits=[test]", "evaluate.fid_images=3", "evaluate.fid_dims=64", "weights.inception=stand-in",
+               "tracking.enabled=false")
+    prepare(section(p, "data"), folder, tmp_path / "shards", progress=False)
+    masks.run(p, tmp_path / "shards", tmp_path / "masks")
+    out, table = tmp_path / "results" / "metrics.json", tmp_path / "table.md"
+    summary = evaluate.run(p, "biharmonic", tmp_path / "no-runs", tmp_path / "shards", tmp_path / "masks", out,
+                           table=table, kinds=("box",), diversity=False)
+    results = json.loads(out.read_text())
+    assert results["variant"] == "biharmonic" and "inception" in results["stand_in"]
+    assert set(results[evaluate.BASELINE]) == {"box"} and results["images"]["fid"] == 3
+    assert results[evaluate.BASELINE]["box"]["hole_psnr"] > 30  # a linear ramp is biharmonic
+    text = table.read_text()
+    assert text.startswith("### Inpainting on the test split (3 images)") and "| biharmonic (classical) |" in text
+    assert text in summary and summary.endswith(f"metrics written to {out}")

@@ -16,6 +16,7 @@ from PIL import Image
 
 from conftest import REPO, data_config, shared_data, venv_bin
 from latent_inpaint.data.images import decode, load_rgb, resize_center_crop
+from latent_inpaint.data import ingest
 from latent_inpaint.data.ingest import DataError, prepare, split_keys
 
 SIZE = 32
@@ -121,6 +122,11 @@ def test_split_is_deterministic_and_shards_are_byte_identical(odd_folder, tmp_pa
     keys = split_keys(tmp_path / "a", "train")
     assert len(keys) == first["splits"]["train"]["images"] and len(set(keys)) == len(keys)
     assert all("." not in k for k in keys)  # WebDataset cuts keys at the first dot
+    read = ingest.shard_images(tmp_path / "a", "train", limit=len(keys) + 5)
+    assert [k for k, _ in read] == keys  # every image once, in split_keys order
+    assert sorted(im.tobytes() for _, im in read) == sorted(
+        im.tobytes() for im in shard_images(tmp_path / "a", "train").values())
+    assert [k for k, _ in ingest.shard_images(tmp_path / "a", "train", limit=2)] == keys[:2]
 
 
 def test_interrupted_run_resumes_without_redoing_finished_shards(odd_folder, tmp_path):
@@ -239,9 +245,11 @@ def test_cli_prepare_and_its_errors(odd_folder, tmp_path):
     typo = subprocess.run(cmd + ["--set", "data.sise=3"], capture_output=True, text=True, env=env, cwd=tmp_path,
                           check=False)
     assert typo.returncode == 2 and "unknown key 'sise'" in typo.stderr
-    no_params = subprocess.run(cmd[:7] + ["--source", str(odd_folder)], capture_output=True, text=True, env=env,
-                               cwd=tmp_path, check=False)
-    assert no_params.returncode == 2 and "no params.yaml in" in no_params.stderr
+    # Outside a project folder the package's defaults serve, and a command that writes data says so.
+    packaged = subprocess.run(cmd[:7] + ["--source", str(odd_folder)], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, check=False)
+    assert packaged.returncode == 0, packaged.stderr
+    assert f"no params.yaml in {tmp_path}: using the package's defaults" in packaged.stderr
 
 
 def test_real_photographs_from_shared_data(tmp_path):

@@ -18,11 +18,12 @@ import torch
 from PIL import Image
 
 from conftest import REPO, params, venv_bin
-from latent_inpaint.config import SampleConfig, section, to_dict
-from latent_inpaint.decoder import InpaintDecoder
-from latent_inpaint.encoder import build_encoder
-from latent_inpaint.pipeline import Inpainter
-from latent_inpaint.train import export_final
+from latent_inpaint.config import SampleConfig, section
+from latent_inpaint.decoder import InpaintDecoder, VanillaDecoder
+from latent_inpaint.encoder import MiracleEncoder, build_encoder
+from latent_inpaint.inpaint import Inpainter, inpaint_files
+from latent_inpaint.saved import export_final
+from latent_inpaint.stages.evaluate import parse_variant
 from latent_inpaint.transformer import BidirectionalTransformer
 from latent_inpaint.vqgan import VQModel
 
@@ -40,12 +41,8 @@ def runs(tmp_path_factory) -> Path:
     grid = SIZE // vqgan.factor
     transformer = BidirectionalTransformer(tf, vqgan.quantize.embedding.weight.detach(), grid)
     decoder = InpaintDecoder(vq, SIZE)
-    export_final(root / "vqgan", "vqgan", {"vqgan": to_dict(vq), "resolution": SIZE}, {"vqgan": vqgan}, "test")
-    export_final(root / "encoder", "encoder", {"kind": "restrictive", "vqgan": to_dict(vq), "encoder": to_dict(enc),
-                                                "resolution": SIZE}, {"encoder": encoder}, "test")
-    export_final(root / "transformer", "transformer", {"transformer": to_dict(tf), "n_embed": vq.n_embed, "grid": grid},
-                 {"transformer": transformer}, "test")
-    export_final(root / "decoder", "decoder", {}, {"decoder": decoder}, "test")
+    for stage, model in {"vqgan": vqgan, "encoder": encoder, "transformer": transformer, "decoder": decoder}.items():
+        export_final(root / stage, stage, {stage: model}, "test")
     return root
 
 
@@ -73,10 +70,37 @@ def test_samples_keep_every_visible_pixel_at_any_size_and_differ(runs):
     assert all(np.array_equal(u, image) for u in untouched)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "latent_inpaint.cli", "inpaint", *args, "--params", str(REPO / "params.yaml"),
-           "--set", "tracking.enabled=false", "--set", f"data.size={SIZE}"]
-    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PATH": venv_bin()}, check=False)
+def test_ablation_variants_load_the_parts_they_name(runs):
+    full = Inpainter.from_runs(runs, "cpu")
+    assert full.encoder.alpha == section(params(), "encoder").alpha
+    options, sample = parse_variant("alpha0.25", section(params(), "sample"))
+    assert Inpainter.from_runs(runs, "cpu", **options).encoder.alpha == 0.25  # same weights, another threshold
+    assert parse_variant("t0.5", section(params(), "sample"))[1].temperature == 0.5
+    miracle = Inpainter.from_runs(runs, "cpu", **parse_variant("miracle_encoder", sample)[0])
+    assert isinstance(miracle.encoder, MiracleEncoder) and miracle.encoder.vqgan is miracle.vqgan
+    vanilla = Inpainter.from_runs(runs, "cpu", **parse_variant("vanilla_decoder", sample)[0])
+    assert isinstance(vanilla.decoder, VanillaDecoder) and vanilla.decoder.vqgan is vanilla.vqgan
+    with pytest.raises(ValueError, match="unknown ablation 'tx'"):
+        parse_variant("tx", sample)
+
+
+def test_inpaint_files_writes_samples_grid_and_settings(runs, tmp_path):
+    Image.fromarray(photo(36, 30)).save(tmp_path / "a.png")
+    cfg = SampleConfig(steps=2, temperature=1.0, anneal=0.9, samples=2, seed=5)
+    seen = []
+    report = inpaint_files(Inpainter.from_runs(runs, "cpu"), tmp_path / "a.png", tmp_path / "out", cfg,
+                           section(params(), "masks"), mask="small", on_file=lambda path, outcome: seen.append(path))
+    assert seen == [tmp_path / "a.png"] and report["images"][str(tmp_path / "a.png")]["status"] == "2 samples"
+    assert report["settings"]["seed"] == 5 and report["settings"]["mask"] == "small"
+    assert json.loads((tmp_path / "out" / "settings.json").read_text()) == report
+    assert sorted(p.name for p in (tmp_path / "out" / "a").iterdir()) == ["grid.png", "sample_00.png", "sample_01.png"]
+
+
+def run_cli(*args: str, cwd: Path = REPO, project_params: bool = True) -> subprocess.CompletedProcess:
+    given = ["--params", str(REPO / "params.yaml"), "--set", f"data.size={SIZE}"] if project_params else []
+    cmd = [sys.executable, "-m", "latent_inpaint.cli", "inpaint", *args, *given, "--set", "tracking.enabled=false"]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PATH": venv_bin()}, check=False,
+                          cwd=cwd)
 
 
 def test_cli_handles_each_bad_input_and_processes_the_rest(runs, tmp_path):
@@ -126,3 +150,14 @@ def test_generated_masks_and_missing_runs(runs, tmp_path):
     assert json.loads((tmp_path / "out/settings.json").read_text())["settings"]["mask"] == "large"
     missing = run_cli(str(tmp_path / "one.png"), "--runs", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o2"))
     assert missing.returncode == 1 and "config.json is missing" in missing.stderr
+
+
+def test_inpaint_works_outside_the_project_folder(runs, tmp_path):
+    """No ./params.yaml and no --params: the sampling defaults come from the package."""
+    Image.fromarray(photo(40, 40)).save(tmp_path / "photo.jpg")
+    done = run_cli("photo.jpg", "--runs", str(runs), "--out", "out", cwd=tmp_path, project_params=False)
+    assert done.returncode == 0, done.stderr
+    assert "params.yaml" not in done.stderr  # no note: the outputs do not depend on which defaults served
+    settings = json.loads((tmp_path / "out" / "settings.json").read_text())["settings"]
+    assert settings["samples"] == section(params(), "sample").samples
+    assert len(list((tmp_path / "out" / "photo").glob("sample_*.png"))) == settings["samples"]

@@ -92,11 +92,11 @@ def test_fewer_shards_than_workers(shards):
 
 
 def test_ranks_get_disjoint_shards_and_equal_steps(shards, monkeypatch):
+    monkeypatch.setenv("RANK", "1")  # the ranks given decide, not the environment
+    monkeypatch.setenv("WORLD_SIZE", "3")
     seen = []
     for rank in range(2):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        batches = list(image_loader(shards, "train", 3, workers=2, seed=1))
+        batches = list(image_loader(shards, "train", 3, rank=rank, world_size=2, workers=2, seed=1))
         assert all(len(b["key"]) == 3 for b in batches)
         seen.append(batches)
     # Nominal epoch 36 // 2 = 18 images = 6 batches; rank 1 holds 16 images and must repeat some.

@@ -17,8 +17,11 @@ from latent_inpaint.masks import (
     free_form_mask,
     hole_ratio,
     load_mask,
+    read_eval_mask,
+    user_mask,
     write_eval_masks,
 )
+from latent_inpaint.stages import masks as masks_stage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,7 +117,7 @@ def test_box_side_is_floored_and_the_odd_margin_pixel_goes_bottom_right(size, fr
 # ---------------------------------------------------------------------------------- files
 
 
-def _fake_shards(root: Path, keys_per_shard: dict[str, list[list[str]]]) -> Path:
+def _fake_shards(root: Path, keys_per_shard: dict[str, list[list[str]]], size: int = 32) -> Path:
     """The manifest and sidecars of ingest.prepare, without the tars (split_keys reads only these)."""
     splits = {}
     for split, shards in keys_per_shard.items():
@@ -125,7 +128,7 @@ def _fake_shards(root: Path, keys_per_shard: dict[str, list[list[str]]]) -> Path
             (root / split / f"{stem}.json").write_text(json.dumps({"keys": keys}))
             entries.append({"path": f"{split}/{stem}.tar", "images": len(keys), "sha256": ""})
         splits[split] = {"images": sum(len(k) for k in shards), "shards": entries}
-    (root / "manifest.json").write_text(json.dumps({"version": 1, "splits": splits}))
+    (root / "manifest.json").write_text(json.dumps({"version": 1, "params": {"size": size}, "splits": splits}))
     return root
 
 
@@ -134,14 +137,12 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def test_write_eval_masks(cfg, tmp_path):
-    val_keys = [["val-000000-00000", "val-000000-00001", "val-000000-00002"], ["val-000001-00000"]]
-    splits = {"train": [["train-000000-00000"]], "val": val_keys, "test": []}
-    shards = _fake_shards(tmp_path / "shards", splits)
+    keys = ["val-000000-00000", "val-000000-00001", "val-000000-00002", "val-000001-00000"]
     cfg = dataclasses.replace(cfg, splits=("val", "test"), grid_count=3)
     size, out = 32, tmp_path / "masks"
-    keys = [k for shard in val_keys for k in shard]
+    split_keys = {"train": ["train-000000-00000"], "val": keys, "test": []}
 
-    manifest = write_eval_masks(cfg, size, shards, out)
+    manifest = write_eval_masks(cfg, size, split_keys, out)
 
     for kind in ("small", "large", "box"):
         pngs = [out / "val" / kind / f"{k}.png" for k in keys]
@@ -150,6 +151,7 @@ def test_write_eval_masks(cfg, tmp_path):
         assert all(set(np.unique(a)) <= {0, 255} for a in arrays)
         for i, a in enumerate(arrays):
             assert np.array_equal(a // 255, eval_mask(kind, size, cfg, "val", i))
+            assert np.array_equal(read_eval_mask(out, "val", kind, keys[i]), a // 255)
         stats = manifest["splits"]["val"][kind]
         assert stats["count"] == len(keys)
         assert stats["sha256"] == hashlib.sha256(b"".join(p.read_bytes() for p in pngs)).hexdigest()
@@ -170,17 +172,42 @@ def test_write_eval_masks(cfg, tmp_path):
 
     first = _files(out)
     (out / "val" / "small" / "stale-key.png").write_bytes(b"old")
-    write_eval_masks(cfg, size, shards, out)
+    write_eval_masks(cfg, size, split_keys, out)
     assert _files(out) == first
 
 
-def test_write_eval_masks_rejects_an_unknown_split(cfg, tmp_path):
-    shards = _fake_shards(tmp_path / "shards", {"val": [["val-000000-00000"]]})
+def test_masks_stage_masks_every_key_of_the_shards_and_rejects_an_unknown_split(tmp_path):
+    val_keys = [["val-000000-00000", "val-000000-00001"], ["val-000001-00000"]]
+    shards = _fake_shards(tmp_path / "shards", {"train": [["train-000000-00000"]], "val": val_keys}, size=32)
+    params = load_params([REPO / "params.yaml"], ["tracking.enabled=false", "masks.splits=[val]"])
+    summary = masks_stage.run(params, shards, tmp_path / "masks")
+    assert str(tmp_path / "masks" / "masks.png") in summary
+    manifest = json.loads((tmp_path / "masks" / "manifest.json").read_text())
+    assert manifest["size"] == 32 and list(manifest["splits"]) == ["val"]
+    assert sorted(p.stem for p in (tmp_path / "masks" / "val" / "box").iterdir()) == [k for s in val_keys for k in s]
+    params = load_params([REPO / "params.yaml"], ["tracking.enabled=false", "masks.splits=[valid]"])
     with pytest.raises(DataError, match="unknown split 'valid'"):
-        write_eval_masks(dataclasses.replace(cfg, splits=("valid",)), 32, shards, tmp_path / "masks")
+        masks_stage.run(params, shards, tmp_path / "masks2")
 
 
 # ---------------------------------------------------------------------------------- user files
+
+
+def test_user_mask_generates_centred_crops_or_reads_the_file_named_like_the_image(cfg, tmp_path):
+    box = user_mask("box", Path("photo.jpg"), (40, 60), cfg, seed=0, index=0)
+    assert np.array_equal(box, box_mask(60, cfg.box_fraction)[10:50])  # drawn at the longer side, centre rows
+    large = user_mask("large", Path("photo.jpg"), (60, 40), cfg, seed=3, index=1)
+    assert large.shape == (60, 40) and np.array_equal(large, user_mask("large", Path("x"), (60, 40), cfg, seed=3, index=1))
+    assert not np.array_equal(large, user_mask("large", Path("x"), (60, 40), cfg, seed=3, index=2))
+    hole = np.zeros((8, 12), np.uint8)
+    hole[2:6, 3:9] = 255  # white = hole
+    Image.fromarray(hole).save(tmp_path / "photo.png")
+    expected = (hole == 0).astype(np.uint8)
+    assert np.array_equal(user_mask(str(tmp_path), Path("in/photo.jpg"), (8, 12), cfg, seed=0, index=0), expected)
+    assert np.array_equal(user_mask(str(tmp_path / "photo.png"), Path("any.jpg"), (8, 12), cfg, seed=0, index=0,
+                                    hole_is_white=False), 1 - expected)
+    with pytest.raises(ValueError, match="no mask named other"):
+        user_mask(str(tmp_path), Path("other.jpg"), (8, 12), cfg, seed=0, index=0)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""`latent-inpaint mlflow-ui` for real: a run logged by the tracking API, read back over REST."""
+"""`latent-inpaint mlflow-ui` for real: an invocation logged by the tracking API (a parent run
+with a child per stage), read back over REST as the UI reads it."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LOSSES = [(0, 3.0), (10, 2.0), (20, 1.5)]
 PARAMS = {"data": {"size": 32}, "vqgan": {"steps": 20, "lr": 1e-4}}
 FLAT_PARAMS = {"data.size": "32", "vqgan.steps": "20", "vqgan.lr": "0.0001"}
+INVOCATION = "5eed0fca11ab1e00"
 
 
 @pytest.fixture
@@ -50,14 +52,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _log_run(workdir: Path, picture: Path) -> str:
-    """One stage's params, a loss at steps 0/10/20 and a picture, as the pipeline logs them."""
+def _log_invocation(workdir: Path, picture: Path, monkeypatch) -> dict[str, str]:
+    """Two stages of one invocation, as the pipeline logs them: masks (a metric) and vqgan (its
+    params, a loss at steps 0/10/20 and a picture). Returns {stage: child run id}."""
+    monkeypatch.setenv(tracking.INVOCATION_ENV, INVOCATION)
     cfg = section(load_params([workdir / "params.yaml"]), "tracking")
+    with tracking.stage_run("masks", cfg, {"masks": {"seed": 2024}}, workdir) as run:
+        run.log_metrics({"hole_ratio": 0.25})
+        ids = {"masks": run.run_id}
     with tracking.stage_run("vqgan", cfg, PARAMS, workdir) as run:
         for step, loss in LOSSES:
             run.log_metrics({"loss": loss}, step=step)
         run.log_image(picture, "samples/grid.png")
-        return run.run_id
+        ids["vqgan"] = run.run_id
+    return ids
 
 
 def _picture(path: Path) -> Path:
@@ -142,24 +150,37 @@ class _Rest:
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())
 
-    def check_run(self, experiment: str, run_id: str, picture: Path) -> None:
-        """The logged run as the UI server reports it: params, loss by step, the PNG's bytes."""
-        exp = self.get("experiments/get-by-name", experiment_name=experiment)["experiment"]
-        (run,) = self.post("runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
-        assert run["info"]["run_id"] == run_id
-        assert run["info"]["status"] == "FINISHED"
-        params = {p["key"]: p["value"] for p in run["data"]["params"]}
-        assert params == FLAT_PARAMS
-        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
-        assert tags["latent_inpaint.stage.vqgan"] == "done"
+    def check_invocation(self, experiment: str, ids: dict[str, str], picture: Path) -> None:
+        """One parent run with a child per stage, as the UI nests them; vqgan's params, loss by
+        step and PNG's bytes."""
+        exp_id = self.get("experiments/get-by-name", experiment_name=experiment)["experiment"]["experiment_id"]
+        runs = self.post("runs/search", {"experiment_ids": [exp_id]})["runs"]
+        tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs}
+        (parent,) = [r for r in runs if tracking.PARENT_TAG not in tags[r["info"]["run_id"]]]
+        parent_id = parent["info"]["run_id"]
+        assert tags[parent_id][tracking.INVOCATION_TAG] == INVOCATION
+        assert parent["info"]["status"] == "FINISHED"
+        assert len(runs) == 1 + len(ids)
 
-        history = self.get("metrics/get-history", run_id=run_id, metric_key="vqgan/loss")["metrics"]
+        # The UI lists a parent's children by this filter.
+        nested = f"tags.`{tracking.PARENT_TAG}` = '{parent_id}'"
+        children = self.post("runs/search", {"experiment_ids": [exp_id], "filter": nested})["runs"]
+        assert {r["info"]["run_name"]: r["info"]["run_id"] for r in children} == ids
+        assert all(r["info"]["status"] == "FINISHED" for r in children)
+        (masks,) = [r for r in children if r["info"]["run_id"] == ids["masks"]]
+        assert {p["key"]: p["value"] for p in masks["data"]["params"]} == {"masks.seed": "2024"}
+        assert {m["key"]: m["value"] for m in masks["data"]["metrics"]} == {"hole_ratio": 0.25}
+
+        run_id = ids["vqgan"]
+        (vqgan,) = [r for r in children if r["info"]["run_id"] == run_id]
+        assert {p["key"]: p["value"] for p in vqgan["data"]["params"]} == FLAT_PARAMS
+        history = self.get("metrics/get-history", run_id=run_id, metric_key="loss")["metrics"]
         assert sorted((m["step"], m["value"]) for m in history) == LOSSES
 
-        listed = self.get("artifacts/list", run_id=run_id, path="vqgan/samples")["files"]
-        assert [(f["path"], f["is_dir"]) for f in listed] == [("vqgan/samples/grid.png", False)]
+        listed = self.get("artifacts/list", run_id=run_id, path="samples")["files"]
+        assert [(f["path"], f["is_dir"]) for f in listed] == [("samples/grid.png", False)]
         assert int(listed[0]["file_size"]) == picture.stat().st_size
-        data = self.raw("/get-artifact", path="vqgan/samples/grid.png", run_uuid=run_id)
+        data = self.raw("/get-artifact", path="samples/grid.png", run_uuid=run_id)
         assert data.startswith(PNG_SIGNATURE)
         assert data == picture.read_bytes()
 
@@ -187,9 +208,9 @@ def _non_loopback_address() -> str | None:
     return None if addr.startswith("127.") or addr == "0.0.0.0" else addr
 
 
-def test_mlflow_ui_serves_the_embedded_store_on_loopback(project, tmp_path):
+def test_mlflow_ui_serves_the_embedded_store_on_loopback(project, tmp_path, monkeypatch):
     picture = _picture(tmp_path / "grid.png")
-    run_id = _log_run(project, picture)
+    ids = _log_invocation(project, picture, monkeypatch)
     assert (project / "mlflow.db").is_file() and (project / "mlruns").is_dir()
 
     port = _free_port()
@@ -207,7 +228,7 @@ def test_mlflow_ui_serves_the_embedded_store_on_loopback(project, tmp_path):
             with pytest.raises(OSError):
                 socket.create_connection((other, port), timeout=2).close()
 
-        _Rest(port).check_run("latent-inpaint", run_id, picture)
+        _Rest(port).check_invocation("latent-inpaint", ids, picture)
 
 
 def test_tracking_uri_names_a_team_server(project, tmp_path, monkeypatch):
@@ -220,8 +241,8 @@ def test_tracking_uri_names_a_team_server(project, tmp_path, monkeypatch):
     with _ui(server_dir, port, tmp_path / "server.log"):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
         monkeypatch.chdir(project)
-        run_id = _log_run(project, picture)
-        _Rest(port).check_run("latent-inpaint", run_id, picture)
+        ids = _log_invocation(project, picture, monkeypatch)
+        _Rest(port).check_invocation("latent-inpaint", ids, picture)
 
     assert not (project / "mlflow.db").exists() and not (project / "mlruns").exists()
     assert (server_dir / "mlflow.db").is_file()

@@ -14,7 +14,8 @@ from conftest import data_config, params
 from latent_inpaint.config import section
 from latent_inpaint.data.ingest import prepare, split_keys
 from latent_inpaint.data.loader import image_tensor
-from latent_inpaint.stages.tokens import codebook_usage, load_tokens, tokenize
+from latent_inpaint.data.tokens import load_tokens
+from latent_inpaint.stages.tokens import codebook_usage, tokenize
 from latent_inpaint.vqgan import VQModel
 
 

@@ -1,4 +1,5 @@
-"""One MLflow run per pipeline invocation, shared by stages in one or several processes."""
+"""MLflow nested runs: a parent run per pipeline invocation, a child run per stage, in one or
+several processes."""
 
 from __future__ import annotations
 
@@ -40,12 +41,23 @@ def _runs(uri: str, experiment: str = "test"):
     return client.search_runs([exp.experiment_id]) if exp else []
 
 
-def _artifacts(uri: str, run_id: str, path: str) -> list[str]:
+def _families(uri: str) -> dict:
+    """{parent id: (parent run, {stage: [its child runs, oldest first]})} over the experiment."""
+    runs = sorted(_runs(uri), key=lambda r: r.info.start_time)
+    families = {r.info.run_id: (r, {}) for r in runs if tracking.PARENT_TAG not in r.data.tags}
+    for run in runs:
+        if tracking.PARENT_TAG in run.data.tags:  # a child of a parent not listed is a KeyError
+            families[run.data.tags[tracking.PARENT_TAG]][1].setdefault(run.info.run_name, []).append(run)
+    return families
+
+
+def _artifacts(uri: str, run_id: str, path: str = "") -> list[str]:
     return sorted(f.path for f in _client(uri).list_artifacts(run_id, path))
 
 
-def test_stages_of_one_invocation_share_one_run(workdir, monkeypatch):
+def test_an_invocation_is_a_parent_run_with_a_child_per_stage(workdir, monkeypatch):
     monkeypatch.setenv(tracking.INVOCATION_ENV, "0123456789abcdef")
+    uri = tracking.resolve_uri(_cfg(), workdir)
     data = {"size": 64, "splits": ("val", "test")}
     png = workdir / "grid.png"
     Image.new("RGB", (8, 8), (255, 0, 0)).save(png)
@@ -54,36 +66,46 @@ def test_stages_of_one_invocation_share_one_run(workdir, monkeypatch):
         t.log_metrics({"images": 120.0})
         t.log_image(np.zeros((8, 8, 3), np.uint8), "preview")
         t.log_dict({"count": 120}, "manifest")
+        data_id = t.run_id
     with tracking.stage_run("vqgan", _cfg(), {"data": data, "vqgan": {"steps": 3, "lr": 1e-4}}) as t:
+        (parent, _), = _families(uri).values()
+        assert parent.info.status == "RUNNING"  # while a stage runs
         for step, loss in enumerate([3.0, 2.0, 1.0]):
             t.log_metrics({"loss": loss}, step=step)
         t.log_image(png, "samples/grid.png")
         t.log_image(Image.new("L", (8, 8)), "mask")
         t.log_artifact(png, "files")
+        vqgan_id = t.run_id
 
-    uri = tracking.resolve_uri(_cfg(), workdir)
     assert uri == f"sqlite:///{workdir / 'mlflow.db'}" and (workdir / "mlflow.db").is_file()
-    (run,) = _runs(uri)
-    assert re.fullmatch(r"pipeline-\d{8}-\d{6}-01234567", run.info.run_name)
-    assert run.info.status == "FINISHED"
-    assert run.data.params == {
-        "data.size": "64",
-        "data.splits": '["val", "test"]',
-        "vqgan.steps": "3",
-        "vqgan.lr": "0.0001",
-    }
-    assert run.data.tags["latent_inpaint.stage.data"] == "done"
-    assert run.data.tags["latent_inpaint.stage.vqgan"] == "done"
-    assert run.data.metrics == {"data/images": 120.0, "vqgan/loss": 1.0}
-    history = _client(uri).get_metric_history(run.info.run_id, "vqgan/loss")
+    (parent, children), = _families(uri).values()
+    assert re.fullmatch(r"pipeline-\d{8}-\d{6}-01234567", parent.info.run_name)
+    assert parent.data.tags[tracking.INVOCATION_TAG] == "0123456789abcdef"
+    assert parent.info.status == "FINISHED" and parent.info.end_time
+    assert parent.data.params == {} and parent.data.metrics == {}
+    assert {s: [c.info.run_id for c in runs] for s, runs in children.items()} == {
+        "data": [data_id], "vqgan": [vqgan_id]
+    }  # fmt: skip
+    (data_run,), (vqgan_run,) = children["data"], children["vqgan"]
+    assert data_run.info.status == vqgan_run.info.status == "FINISHED"
+
+    assert data_run.data.params == {"data.size": "64", "data.splits": '["val", "test"]'}
+    assert vqgan_run.data.params == {**data_run.data.params, "vqgan.steps": "3", "vqgan.lr": "0.0001"}
+    assert data_run.data.metrics == {"images": 120.0}  # no stage prefix: the run is the stage
+    assert vqgan_run.data.metrics == {"loss": 1.0}
+    history = _client(uri).get_metric_history(vqgan_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(0, 3.0), (1, 2.0), (2, 1.0)]
 
-    assert run.info.artifact_uri.startswith((workdir / "mlruns").as_uri())
-    assert _artifacts(uri, run.info.run_id, "data") == ["data/manifest.json", "data/preview.png"]
-    assert _artifacts(uri, run.info.run_id, "vqgan") == ["vqgan/files", "vqgan/mask.png", "vqgan/samples"]
-    assert _artifacts(uri, run.info.run_id, "vqgan/samples") == ["vqgan/samples/grid.png"]
-    local = _client(uri).download_artifacts(run.info.run_id, "vqgan/samples/grid.png", str(workdir / "dl"))
+    assert vqgan_run.info.artifact_uri.startswith((workdir / "mlruns").as_uri())
+    assert _artifacts(uri, parent.info.run_id) == []
+    assert _artifacts(uri, data_id) == ["manifest.json", "preview.png"]
+    assert _artifacts(uri, vqgan_id) == ["files", "mask.png", "samples"]
+    assert _artifacts(uri, vqgan_id, "samples") == ["samples/grid.png"]
+    assert _artifacts(uri, vqgan_id, "files") == ["files/grid.png"]
+    local = _client(uri).download_artifacts(vqgan_id, "samples/grid.png", str(workdir / "dl"))
     assert Path(local).read_bytes() == png.read_bytes()
+    with Image.open(_client(uri).download_artifacts(data_id, "preview.png", str(workdir / "dl"))) as img:
+        assert img.size == (8, 8) and img.mode == "RGB"
 
 
 _JOB = """
@@ -98,7 +120,7 @@ with tracking.stage_run(stage, cfg, {"data": {"size": 64}, stage: {"steps": 2}})
 """
 
 
-def test_parallel_processes_of_one_invocation_share_one_run(workdir):
+def test_parallel_processes_of_one_invocation_share_one_parent(workdir):
     env = {**os.environ, tracking.INVOCATION_ENV: "feedfacecafe"}  # the fixture cleared the rest
     stages = ["vqgan", "encoder", "transformer"]
     jobs = [
@@ -109,23 +131,65 @@ def test_parallel_processes_of_one_invocation_share_one_run(workdir):
         _, err = job.communicate(timeout=120)
         assert job.returncode == 0, err.decode()
 
-    (run,) = _runs(tracking.resolve_uri(_cfg(), workdir))
-    assert run.data.tags[tracking.INVOCATION_TAG] == "feedfacecafe"
-    assert run.info.status == "FINISHED"
+    (parent, children), = _families(tracking.resolve_uri(_cfg(), workdir)).values()
+    assert parent.data.tags[tracking.INVOCATION_TAG] == "feedfacecafe"
+    assert parent.info.status == "FINISHED"
+    assert sorted(children) == sorted(stages)
     for s in stages:
-        assert run.data.tags[f"latent_inpaint.stage.{s}"] == "done"
-        assert run.data.params[f"{s}.steps"] == "2"
-        assert run.data.metrics[f"{s}/loss"] == pytest.approx(0.2)
+        (child,) = children[s]
+        assert child.info.status == "FINISHED"
+        assert child.data.params == {"data.size": "64", f"{s}.steps": "2"}
+        assert child.data.metrics == {"loss": pytest.approx(0.2)}
 
 
-def test_without_invocation_each_call_gets_its_own_run(workdir):
+def test_without_invocation_each_call_gets_its_own_parent(workdir):
     for _ in range(2):
         with tracking.stage_run("data", _cfg(), {"data": {"size": 64}}):
             pass
-    runs = _runs(tracking.resolve_uri(_cfg(), workdir))
-    assert len(runs) == 2
-    assert len({r.data.tags[tracking.INVOCATION_TAG] for r in runs}) == 2
+    families = _families(tracking.resolve_uri(_cfg(), workdir))
+    assert len(families) == 2
+    assert len({parent.data.tags[tracking.INVOCATION_TAG] for parent, _ in families.values()}) == 2
+    assert all(list(children) == ["data"] for _, children in families.values())
     assert tracking.INVOCATION_ENV not in os.environ
+
+
+def test_a_failing_stage_fails_its_child_and_the_parent_until_a_retry_succeeds(workdir, monkeypatch):
+    monkeypatch.setenv(tracking.INVOCATION_ENV, "abc123")
+    uri = tracking.resolve_uri(_cfg(), workdir)
+    with tracking.stage_run("data", _cfg(), {"data": {"size": 64}}):
+        pass
+    with pytest.raises(ZeroDivisionError):
+        with tracking.stage_run("decoder", _cfg(log_images=False), {"decoder": {"lr": 0.1}}) as t:
+            t.log_image(np.zeros((4, 4, 3), np.uint8), "never")
+            1 / 0
+    (parent, children), = _families(uri).values()
+    assert parent.info.status == "FAILED"
+    assert [c.info.status for c in children["data"]] == ["FINISHED"]
+    (failed,) = children["decoder"]
+    assert failed.info.status == "FAILED" and failed.data.params == {"decoder.lr": "0.1"}
+    assert _artifacts(uri, failed.info.run_id) == []
+
+    # A failure elsewhere keeps the parent failed while a later stage runs and after it ends.
+    with tracking.stage_run("masks", _cfg(), {}):
+        assert _client(uri).get_run(parent.info.run_id).info.status == "FAILED"
+    assert _client(uri).get_run(parent.info.run_id).info.status == "FAILED"
+
+    # A retried stage (a requeued SLURM job, a rerun after the crash) counts by its latest attempt.
+    with tracking.stage_run("decoder", _cfg(), {"decoder": {"lr": 0.1}}):
+        pass
+    (parent, children), = _families(uri).values()
+    assert [c.info.status for c in children["decoder"]] == ["FAILED", "FINISHED"]
+    assert parent.info.status == "FINISHED"
+
+
+def test_large_batches_are_split_into_mlflow_sized_ones(workdir):
+    params = {"big": {f"p{i:03d}": i for i in range(250)}}
+    with tracking.stage_run("data", _cfg(), params) as t:
+        t.log_metrics({f"m{i:04d}": float(i) for i in range(2500)}, step=3)
+    (_, children), = _families(tracking.resolve_uri(_cfg(), workdir)).values()
+    (child,) = children["data"]
+    assert child.data.params == {f"big.p{i:03d}": str(i) for i in range(250)}
+    assert child.data.metrics == {f"m{i:04d}": float(i) for i in range(2500)}
 
 
 def test_uri_precedence(workdir, monkeypatch):
@@ -138,7 +202,7 @@ def test_uri_precedence(workdir, monkeypatch):
     with tracking.stage_run("data", _cfg(), {"data": {"size": 64}}) as t:
         t.log_metrics({"x": 1.0})
     assert (workdir / "other.db").is_file() and not (workdir / "mlflow.db").exists()
-    assert len(_runs(other)) == 1
+    assert len(_runs(other)) == 2  # a parent and its child
 
 
 def test_disabled_tracking_writes_nothing(workdir):
@@ -146,6 +210,7 @@ def test_disabled_tracking_writes_nothing(workdir):
         t.log_metrics({"x": 1.0}, step=1)
         t.log_image(np.zeros((4, 4), np.uint8), "img")
         t.log_dict({"a": 1}, "d")
+        t.log_artifact(workdir / "missing.txt")
         assert not t.enabled and t.run_id is None
     assert list(workdir.iterdir()) == []
 
@@ -161,29 +226,6 @@ def test_import_and_disabled_stage_do_not_import_mlflow(workdir):
         "assert 'mlflow' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=workdir, check=True)
-
-
-def test_changed_param_in_same_run_is_a_clear_error(workdir, monkeypatch):
-    monkeypatch.setenv(tracking.INVOCATION_ENV, "abc123")
-    with tracking.stage_run("data", _cfg(), {"data": {"size": 64, "seed": 0}}):
-        pass
-    with tracking.stage_run("vqgan", _cfg(), {"data": {"size": 64, "seed": 0}}):
-        pass  # the same values again are fine
-    with pytest.raises(tracking.ParamConflictError, match=r"data\.size: logged '64', now '128'"):
-        with tracking.stage_run("encoder", _cfg(), {"data": {"size": 128, "seed": 0}}):
-            pass
-
-
-def test_failing_stage_marks_run_failed_and_skips_images_when_asked(workdir):
-    with pytest.raises(ZeroDivisionError):
-        with tracking.stage_run("decoder", _cfg(log_images=False), {"decoder": {"lr": 0.1}}) as t:
-            t.log_image(np.zeros((4, 4, 3), np.uint8), "never")
-            1 / 0
-    uri = tracking.resolve_uri(_cfg(), workdir)
-    (run,) = _runs(uri)
-    assert run.info.status == "FAILED"
-    assert run.data.tags["latent_inpaint.stage.decoder"] == "failed"
-    assert _artifacts(uri, run.info.run_id, "") == []
 
 
 def test_unusable_store_names_uri_and_fix(workdir):

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import torch
 from loop_stage import IN, NO_TRACKING, OUT, TinyStage, train_config
 
 from latent_inpaint.config import TrackingConfig
-from latent_inpaint.train import CheckpointMismatch, load_stage_weights, scaled_lr, train
+from latent_inpaint.saved import load_weights
+from latent_inpaint.train import CheckpointMismatch, scaled_lr, train
 
 SCRIPT = Path(__file__).with_name("loop_stage.py")
 PYTHON = Path(sys.executable)
@@ -72,6 +74,7 @@ def test_loss_falls_outputs_written_tracked_and_rerun_is_a_no_op(tmp_path):
     assert read_json(tmp_path / "run" / "metrics.json") == metrics
     final = read_json(tmp_path / "run" / "final" / "config.json")
     assert final["step"] == 100 and final["config"] == stage.config() and final["resumed_from"] == []
+    assert final["models"] == {name: m.spec() for name, m in stage.modules.items()}  # what rebuilds them
     assert read_json(tmp_path / "run" / "checkpoint" / "config.json")["step"] == 100
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == [
         "checkpoint", "final", "history.jsonl", "metrics.json",
@@ -79,18 +82,21 @@ def test_loss_falls_outputs_written_tracked_and_rerun_is_a_no_op(tmp_path):
 
     fresh = TinyStage(seed=1)
     assert fresh.evaluate(fresh.modules)["val_mse"] != metrics["eval"]["val_mse"]
-    info = load_stage_weights(tmp_path / "run", {"gen": fresh.modules["gen"]})
+    info = load_weights(tmp_path / "run", {"gen": fresh.modules["gen"]})
     assert info["step"] == 100
     assert fresh.evaluate(fresh.modules)["val_mse"] == pytest.approx(metrics["eval"]["val_mse"], rel=1e-6)
 
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking.uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "tiny/loss/gen")] == list(range(10, 101, 10))
-    assert client.get_metric_history(run.info.run_id, "tiny/eval/val_mse")[-1].value == metrics["eval"]["val_mse"]
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "tiny/pictures")} == {
-        "tiny/pictures/step0000050.png", "tiny/pictures/step0000100.png",
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    parent, run = sorted(runs, key=lambda r: "mlflow.parentRunId" in r.data.tags)  # the stage's child run
+    assert run.info.run_name == "tiny" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert run.data.params == {"tiny.hidden": "32"}
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/gen")] == list(range(10, 101, 10))
+    assert client.get_metric_history(run.info.run_id, "eval/val_mse")[-1].value == metrics["eval"]["val_mse"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "pictures")} == {
+        "pictures/step0000050.png", "pictures/step0000100.png",
     }  # fmt: skip
 
     class NoTraining(TinyStage):
@@ -133,8 +139,8 @@ class WithExtras(TinyStage):
         super().__init__()
         self.frozen = {"teacher": torch.nn.Linear(OUT, OUT)}
 
-    def optimizers(self, modules):
-        self.built = super().optimizers(modules)
+    def optimizers(self, modules, world_size):
+        self.built = super().optimizers(modules, world_size)
         return self.built
 
     def lr_factor(self, phase, step):
@@ -234,9 +240,9 @@ def test_resuming_another_configuration_is_an_error_naming_the_keys(tmp_path):
     with pytest.raises(CheckpointMismatch, match=r"checkpoint was trained with another tiny configuration"):
         train(TinyStage(hidden=8), train_config(), 4, run, NO_TRACKING, {}, device="cpu")
     with pytest.raises(CheckpointMismatch, match=r"holds no weights for module 'disc'"):
-        load_stage_weights(run / "checkpoint", {"disc": torch.nn.Linear(6, 1)})
+        load_weights(run / "checkpoint", {"disc": torch.nn.Linear(6, 1)})
     with pytest.raises(CheckpointMismatch, match=r"gen.safetensors does not fit module 'gen'"):
-        load_stage_weights(run / "checkpoint", {"gen": TinyStage(hidden=8).modules["gen"]})
+        load_weights(run / "checkpoint", {"gen": TinyStage(hidden=8).modules["gen"]})
 
 
 def test_sigterm_checkpoints_the_current_step_and_the_rerun_finishes(tmp_path):
@@ -262,3 +268,22 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_finishes(tmp_path):
 def test_scaled_lr_follows_taming():
     assert scaled_lr(4.5e-6, 12, 8) == pytest.approx(4.32e-4)
     assert scaled_lr(4.5e-6, 8, 2, grad_accum=4) == pytest.approx(4.5e-6 * 64)
+
+
+def test_a_ddp_wrapper_reads_its_modules_attributes_through():
+    import torch.distributed as dist
+
+    from latent_inpaint.train.distributed import DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{Path(tempfile.mkdtemp()) / 'rendezvous'}", rank=0,
+                            world_size=1)
+    try:
+        gen = TinyStage().modules["gen"]
+        wrapped = DDP(gen)
+        assert wrapped.spec() == gen.spec() and wrapped.module is gen  # a method and DDP's own attribute
+        x = torch.randn(3, IN)
+        assert torch.equal(wrapped(x), gen(x))
+        with pytest.raises(AttributeError, match="no_such_thing"):
+            wrapped.no_such_thing
+    finally:
+        dist.destroy_process_group()

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from latent_inpaint.config import load_params, section
+from latent_inpaint.taming import import_taming_checkpoint
 from latent_inpaint.vqgan import (
     AttnBlock,
     Downsample,
@@ -17,7 +18,6 @@ from latent_inpaint.vqgan import (
     VQModel,
     count_parameters,
     encoder_levels,
-    import_taming_checkpoint,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,7 +241,7 @@ def taming_checkpoint(model: VQModel, path: Path, extra: dict | None = None) -> 
 def test_import_round_trips_a_taming_checkpoint(tiny_cfg, tmp_path, caplog):
     source = tiny_model(tiny_cfg, seed=3)
     path = taming_checkpoint(source, tmp_path / "last.ckpt")
-    with caplog.at_level(logging.INFO, logger="latent_inpaint.vqgan"):
+    with caplog.at_level(logging.INFO, logger="latent_inpaint.taming"):
         model = import_taming_checkpoint(path, tiny_cfg, SIZE)
     assert "3 loss.* tensors dropped" in caplog.text
     assert not any(p.is_meta for p in model.parameters())

@@ -21,6 +21,8 @@ from latent_inpaint.config import section
 from latent_inpaint.data.default import build_default_dataset
 from latent_inpaint.data.ingest import prepare
 from latent_inpaint.data.loader import image_loader
+from latent_inpaint.losses import NLayerDiscriminator
+from latent_inpaint.saved import load_model
 from latent_inpaint.stages.vqgan import VQGANStage
 from latent_inpaint.train import train
 from latent_inpaint.vqgan import VQModel
@@ -53,13 +55,24 @@ def test_training_lowers_the_reconstruction_error(shards, tmp_path):
         with torch.no_grad():
             return (x - stage.modules["vqgan"].eval()(x)[0]).abs().mean().item()
 
-    stage._init_codebook(stage.modules["vqgan"], x)  # what step 0 does, so "before" is fair
+    with torch.no_grad():
+        stage.initialize(stage.modules, x)  # what a fresh run does first, so "before" is fair
     before = l1()
     metrics = train(stage, section(p, "train"), 150, tmp_path / "run", section(p, "tracking"), {}, device="cpu")
     after = l1()
     assert after < before / 1.6, (before, after)
     assert {"d_loss", "g_loss", "d_weight"} <= set(metrics["train"])  # the discriminator took part
     assert metrics["eval"]["val_codes_used"] >= 8 and "val_psnr" in metrics["eval"]
+
+    # The run folder alone rebuilds the trained model, and its checkpoint the discriminator too.
+    loaded = load_model(tmp_path / "run")
+    assert isinstance(loaded, VQModel) and not loaded.training and loaded.cfg == stage.cfg
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], stage.modules["vqgan"](x)[0])
+    disc = load_model(tmp_path / "run" / "checkpoint", name="disc")
+    assert isinstance(disc, NLayerDiscriminator) and disc.n_layers == stage.cfg.disc_layers
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(disc.state_dict().values(),
+                                                      stage.modules["disc"].state_dict().values()))
 
 
 def cli(*args: str) -> list[str]:
@@ -133,6 +146,8 @@ def test_an_imported_taming_checkpoint_becomes_the_stage_output_and_tokenizes(sh
                          check=False)
     assert run.returncode == 0, run.stderr
     assert json.loads((tmp_path / "run/final/config.json").read_text())["imported_from"] == str(ckpt)
+    imported = load_model(tmp_path / "run")  # the format trained ones have
+    assert all(torch.equal(a, b) for a, b in zip(imported.state_dict().values(), model.state_dict().values()))
     tok = subprocess.run(cli("tokenize", "--vqgan", str(tmp_path / "run/final"), "--shards", str(shards),
                              "--out", str(tmp_path / "tokens")), env=env(), capture_output=True, text=True,
                          check=False)

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,10 @@ def make_project(dest: Path) -> Path:
     for sec, values in TINY.items():
         params[sec].update(values)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # dvc.yaml for these params (its ablation stages follow evaluate.ablations)
+    dvc = subprocess.run([sys.executable, "workflow/dag.py", "params.yaml"], cwd=dest, check=True, text=True,
+                         stdout=subprocess.PIPE).stdout
+    (dest / "dvc.yaml").write_text(dvc)
     return dest
 
 
@@ -83,6 +88,36 @@ def set_param(project: Path, section: str, key: str, value) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def planned(project: Path) -> set[str]:
+    """The rules `snakemake -n` would run."""
+    return set(re.findall(r"^rule (\w+):", sh(project, "snakemake", "--cores", "2", "--dry-run").stdout, re.M))
+
+
+def dvc_changed(project: Path) -> set[str]:
+    """The stages `dvc status` reports changed."""
+    return set(re.findall(r"^([\w.@-]+):$", sh(project, "dvc", "status").stdout, re.M))
+
+
+def test_dvc_yaml_is_generated_from_the_workflow_definition():
+    """dvc.yaml is what workflow/dag.py makes for params.yaml: no hand-kept second copy to drift."""
+    generated = subprocess.run([sys.executable, "workflow/dag.py"], cwd=REPO, check=True, text=True,
+                               stdout=subprocess.PIPE).stdout
+    assert (REPO / "dvc.yaml").read_text() == generated, "dvc.yaml is stale: python workflow/dag.py > dvc.yaml"
+    stages = yaml.safe_load(generated)["stages"]
+    sampler = "src/latent_inpaint/sampler.py"
+    assert {name for name, s in stages.items() if sampler in s["deps"]} == {
+        "report", "evaluate", *(f"ablation_{v}" for v in yaml.safe_load((REPO / "params.yaml").read_text())
+                                ["evaluate"]["ablations"])}
+    assert "src/latent_inpaint/vqgan.py" in stages["decoder"]["deps"] and "runs/vqgan" in stages["decoder"]["deps"]
+    assert stages["transformer"]["params"] == ["transformer", "train"]
+
+
+def test_snakemake_lint_is_clean():
+    proc = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "--lint"], cwd=REPO, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300, check=False)
+    assert proc.returncode == 0 and "Congratulations" in proc.stdout, proc.stdout[-3000:]
+
+
 def test_snakemake_runs_tracks_and_reruns_only_what_changed(tmp_path):
     project = make_project(tmp_path)
     sh(project, "snakemake", "--cores", "2")
@@ -102,11 +137,16 @@ def test_snakemake_runs_tracks_and_reruns_only_what_changed(tmp_path):
 
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     (experiment,) = [e for e in client.search_experiments() if e.name == "latent-inpaint"]
-    (run,) = client.search_runs([experiment.experiment_id])  # one run for the whole invocation
-    assert run.data.params["data.size"] == "32" and run.data.params["masks.seed"] == "2024"
-    assert run.data.metrics["prepare/images_written"] == 24
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"prepare", "masks", "vqgan"}
-    assert "vqgan/rec_loss" in run.data.metrics and "tokens/perplexity" in run.data.metrics
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # one for the whole invocation
+    assert parent.info.status == "FINISHED"
+    assert sum(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in runs) == len(runs) - 1
+    child = {r.info.run_name: r for r in runs if r is not parent}  # a child run per stage
+    assert {"prepare", "masks", "vqgan", "tokens", "encoder", "transformer", "decoder"} <= set(child)
+    assert child["prepare"].data.params["data.size"] == "32" and child["masks"].data.params["masks.seed"] == "2024"
+    assert child["prepare"].data.metrics["images_written"] == 24
+    assert all(client.list_artifacts(child[s].info.run_id) for s in ("prepare", "masks", "vqgan"))
+    assert "rec_loss" in child["vqgan"].data.metrics and "perplexity" in child["tokens"].data.metrics
 
     assert "Nothing to be done" in sh(project, "snakemake", "--cores", "2").stdout
     shards_before = digests(project, "data/shards")
@@ -144,10 +184,17 @@ def test_snakemake_runs_tracks_and_reruns_only_what_changed(tmp_path):
     assert bad.returncode != 0 and "unknown key(s) in data: sise" in bad.stdout
 
 
-def test_dvc_pull_in_a_fresh_clone_restores_the_bytes_and_retrains_nothing(tmp_path):
-    project = make_project(tmp_path / "project")
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory) -> Path:
+    """A tiny project that `dvc repro` has run end to end, committed to git with its dvc.lock."""
+    project = make_project(tmp_path_factory.mktemp("reproduced") / "project")
     sh(project, "git", "init", "-q")
     sh(project, "dvc", "repro")
+    return project
+
+
+def test_dvc_pull_in_a_fresh_clone_restores_the_bytes_and_retrains_nothing(reproduced, tmp_path):
+    project = reproduced
     outputs = dvc_outputs(project)
     trained = digests(project, *outputs)
     assert len(trained) > 30 and "runs/decoder/final/config.json" in trained
@@ -236,3 +283,55 @@ def test_job_resources_come_from_params(tmp_path):
     assert "train-vqgan --quiet --processes 3 " in paper["vqgan"]
     assert "gpu=1" in paper["tokens"] and "runtime=720" in paper["tokens"]
     assert "gpu=0" in paper["prepare"] and "mem_mb=16000" in paper["prepare"]
+
+
+def edit(path: Path, old: str | None, new: str) -> str:
+    """Replace the first `old` in a file by `new` (append `new` when `old` is None); return the
+    original text."""
+    text = path.read_text()
+    assert old is None or old in text, f"{old!r} not in {path}"
+    path.write_text(text + new if old is None else text.replace(old, new, 1))
+    return text
+
+
+def test_a_code_edit_reruns_exactly_the_rules_that_run_that_code(reproduced):
+    """The code of a rule is the import closure of its entry module (workflow/dag.py). Snakemake
+    compares a digest of its syntax trees, so comments and docstrings rerun nothing; DVC hashes
+    the files' bytes. Both plan the same rules for a real edit, and nothing for an unrelated one."""
+    project = reproduced
+    assert "Nothing to be done" in sh(project, "snakemake", "--cores", "2", "--dry-run").stdout
+    assert dvc_changed(project) == set()
+    src = project / "src/latent_inpaint"
+    ablations = {f"ablation_{v}" for v in TINY["evaluate"]["ablations"]}
+    sampling = {"evaluate", "ablation", "report", "all"}
+    upstream_of_vqgan = {"default_data", "prepare", "masks"}
+
+    # A real change to the sampler: sampling, evaluation and the report; no training.
+    original = edit(src / "sampler.py", None, "\nEDITED_FOR_THE_TEST = True\n")
+    assert planned(project) == sampling
+    assert dvc_changed(project) == {"evaluate", "report", *ablations}
+    (src / "sampler.py").write_text(original)
+
+    # A real change to the VQGAN: every rule from the VQGAN on, none before it.
+    original = edit(src / "vqgan.py", None, "\nEDITED_FOR_THE_TEST = True\n")
+    everything = planned(project)
+    assert everything == {"vqgan", "tokens", "encoder", "transformer", "decoder", *sampling}
+    assert not everything & upstream_of_vqgan
+    assert dvc_changed(project) == {"vqgan", "tokens", "encoder", "transformer", "decoder", "evaluate", "report",
+                                    *ablations}
+
+    # Comments and docstrings only: Snakemake reruns nothing. DVC sees new bytes in the same
+    # stages; its repro calls Snakemake, which writes nothing, and DVC records the new hashes.
+    (src / "vqgan.py").write_text(original)
+    edit(src / "vqgan.py", '"""', '"""A docstring edited for the test. ')
+    edit(src / "vqgan.py", None, "\n# a comment added for the test\n")
+    assert "Nothing to be done" in sh(project, "snakemake", "--cores", "2", "--dry-run").stdout
+    weights = digests(project, "runs")
+    sh(project, "dvc", "repro")
+    assert digests(project, "runs") == weights
+    assert dvc_changed(project) == set()
+
+    # Code no rule runs (the CLI is wiring around the entry modules): nothing, for both.
+    edit(src / "cli.py", None, "\nEDITED_FOR_THE_TEST = True\n")
+    assert "Nothing to be done" in sh(project, "snakemake", "--cores", "2", "--dry-run").stdout
+    assert dvc_changed(project) == set()

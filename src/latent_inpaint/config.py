@@ -18,6 +18,8 @@ from typing import Any, Mapping
 
 import yaml
 
+PACKAGED_PARAMS = Path(__file__).with_name("params.yaml")
+
 
 class ConfigError(ValueError):
     """A parameter file or override is malformed; the message names the file and the key."""
@@ -120,9 +122,13 @@ class VQGANConfig:
     batch_size: int
     steps: int
 
-
     def __post_init__(self):
         _check_choice("vqgan.codebook_init", self.codebook_init, ("uniform", "data"))
+
+    @property
+    def factor(self) -> int:
+        """Image side / token grid side: each level but the last halves the side."""
+        return 2 ** (len(self.channel_mult) - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +177,15 @@ class SampleConfig:
     samples: int
     seed: int
 
+    def __post_init__(self):
+        for key in ("steps", "samples"):
+            _check_positive(f"sample.{key}", getattr(self, key))
+
+
+# The ablation variants `latent-inpaint evaluate --variant` and `evaluate.ablations` name.
+ABLATIONS = ("full | t<temperature> (e.g. t0.5) | alpha<value> (e.g. alpha0.25) | vanilla_encoder | "
+             "miracle_encoder | vanilla_decoder | biharmonic (the classical reference alone)")
+
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
@@ -179,7 +194,7 @@ class EvaluateConfig:
     diversity_samples: int
     batch_size: int
     fid_dims: int  # 2048 is the standard FID; 64/192/768 (pytorch-fid's other blocks) only for speed
-    ablations: tuple[str, ...]  # variants scored by the ablation rule (see `latent-inpaint evaluate --help`)
+    ablations: tuple[str, ...]  # variants scored by the ablation rule (see ABLATIONS)
 
     def __post_init__(self):
         _check_choice("evaluate.fid_dims", self.fid_dims, (64, 192, 768, 2048))
@@ -353,12 +368,22 @@ def merge(base: dict, overlay: Mapping, where: str) -> dict:
     return out
 
 
-def parse_assignment(text: str) -> tuple[list[str], Any]:
-    """`data.size=128` -> (['data', 'size'], 128); the value is read as YAML."""
+def parse_assignment(text: str) -> dict:
+    """`data.size=128` -> {"data": {"size": 128}}; the value is read as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set expects section.key=value, got {text!r}")
-    return key.split("."), yaml.safe_load(raw)
+    nested = yaml.safe_load(raw)
+    for name in reversed(key.split(".")):
+        nested = {name: nested}
+    return nested
+
+
+def default_params_file() -> Path:
+    """./params.yaml in a project folder; anywhere else the copy shipped in the package (the
+    project's params.yaml links to it), so commands that only read trained runs work anywhere."""
+    local = Path("params.yaml")
+    return local if local.exists() else PACKAGED_PARAMS
 
 
 def load_params(
@@ -366,10 +391,9 @@ def load_params(
     overrides: list[str] = (),
     config_json: str | None = None,
 ) -> dict:
-    """params.yaml, then each overlay file, then a JSON of sections, then `--set` assignments."""
-    files = [Path(f) for f in files] if files else [p for p in [Path("params.yaml")] if p.exists()]
-    if not files and not config_json:
-        raise ConfigError(f"no params.yaml in {Path.cwd()}: run from the project folder or pass --params FILE")
+    """params.yaml, then each overlay file, then a JSON of sections, then `--set` assignments.
+    Without files: ./params.yaml, else the package's own defaults (`default_params_file`)."""
+    files = [Path(f) for f in files] if files else [default_params_file()]
     params: dict = {}
     for path in files:
         params = merge(params, _read_yaml(path), str(path))
@@ -380,11 +404,7 @@ def load_params(
             raise ConfigError(f"--config-json is not valid JSON: {exc}") from None
         params = {**params, **sections}  # the JSON carries whole, already merged sections
     for text in overrides:
-        keys, value = parse_assignment(text)
-        nested: Any = value
-        for key in reversed(keys):
-            nested = {key: nested}
-        params = merge(params, nested, "--set")
+        params = merge(params, parse_assignment(text), "--set")
     return params
 
 

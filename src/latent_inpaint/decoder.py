@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from latent_inpaint.config import VQGANConfig
+from latent_inpaint.config import VQGANConfig, build, to_dict
 from latent_inpaint.partial_conv import DOWNSAMPLE_KERNEL, DOWNSAMPLE_PADDING, PartialConv2d
-from latent_inpaint.vqgan import IMAGE_CHANNELS, Decoder, VQModel, encoder_levels, group_norm, swish
+from latent_inpaint.vqgan import IMAGE_CHANNELS, Decoder, Layout, VQModel, group_norm, swish
 
 
 def couple(z: torch.Tensor, e_prt: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,7 @@ class PartialEncoder(nn.Module):
 
     def __init__(self, vq: VQGANConfig, resolution: int):
         super().__init__()
-        self.levels = encoder_levels(vq.base_channels, tuple(vq.channel_mult), resolution, ())
+        self.levels = Layout.of(vq, resolution, attn_resolutions=()).levels()
         self.factor = 2 ** (len(self.levels) - 1)
         top = self.levels[-1].channels
         self.conv_in = PartialConv2d(IMAGE_CHANNELS + 1, vq.base_channels, 3, padding=1)
@@ -141,18 +141,19 @@ class InpaintDecoder(nn.Module):
 
     def __init__(self, vq: VQGANConfig, resolution: int):
         super().__init__()
+        self.vq, self.resolution = vq, resolution
         self.factor = 2 ** (len(vq.channel_mult) - 1)
         self.partial_encoder = PartialEncoder(vq, resolution)
         self.post_quant_conv = nn.Conv2d(vq.embed_dim, vq.z_channels, 1)
-        self.decoder = Decoder(
-            out_channels=IMAGE_CHANNELS,
-            base_channels=vq.base_channels,
-            channel_mult=tuple(vq.channel_mult),
-            num_res_blocks=vq.num_res_blocks,
-            attn_resolutions=tuple(vq.attn_resolutions),
-            z_channels=vq.z_channels,
-            resolution=resolution,
-        )
+        self.decoder = Decoder(IMAGE_CHANNELS, Layout.of(vq, resolution))
+
+    def spec(self) -> dict:
+        """What rebuilds this model (saved.load_model)."""
+        return {"model": type(self).__name__, "vqgan": to_dict(self.vq), "resolution": self.resolution}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> InpaintDecoder:
+        return cls(build(VQGANConfig, spec["vqgan"], "vqgan spec"), spec["resolution"])
 
     @torch.no_grad()
     def init_from_vqgan(self, vqgan_model: VQModel) -> None:

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latent_inpaint.config import EncoderConfig, VQGANConfig
+from latent_inpaint.config import EncoderConfig, VQGANConfig, build, to_dict
 from latent_inpaint.partial_conv import DOWNSAMPLE_PADDING, RestrictiveConv2d, token_mask
-from latent_inpaint.vqgan import Encoder, Level, VQModel, encoder_levels, swish
+from latent_inpaint.vqgan import IMAGE_CHANNELS, AttnBlock, Encoder, Layout, Level, VQModel, swish
 
 ENCODER_KINDS = ("restrictive", "vanilla", "miracle")
 GROUPS = 32  # as vqgan.group_norm
@@ -67,32 +67,21 @@ class MaskedGroupNorm(nn.GroupNorm):
         return y.to(x.dtype)
 
 
-class MaskedAttnBlock(nn.Module):
+class MaskedAttnBlock(AttnBlock):
     """The VQGAN's single-head self-attention with keys at visible positions only; outputs at hole
     queries are masked out."""
 
     def __init__(self, channels: int):
-        super().__init__()
+        super().__init__(channels)
         self.norm = MaskedGroupNorm(channels)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        y = self.norm(x, mask)
-
-        def tokens(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(b, 1, c, h * w).transpose(2, 3)  # (B, 1 head, h*w, C)
-
+        b, _, h, w = x.shape
         visible = mask.reshape(b, 1, 1, h * w) > 0.5  # (B, 1, 1 query row, h*w keys)
         # Without a visible key a softmax row is all -inf (NaN); such a sample has only hole
         # queries, whose outputs are masked out below, so let them attend anywhere.
         visible = visible | ~visible.any(dim=-1, keepdim=True)
-        y = F.scaled_dot_product_attention(tokens(self.q(y)), tokens(self.k(y)), tokens(self.v(y)), attn_mask=visible)
-        y = y.transpose(2, 3).reshape(b, c, h, w)
-        return (x + self.proj_out(y)) * mask.to(x.dtype)
+        return (x + self.attend(self.norm(x, mask), visible)) * mask.to(x.dtype)
 
 
 class RestrictiveResnetBlock(nn.Module):
@@ -160,26 +149,15 @@ class RestrictiveBackbone(nn.Module):
     """vqgan.Encoder, layer for layer and name for name, made restrictive:
     (x (B, in_channels, H, W), mask (B, 1, H, W)) -> (z (B, z_channels, H/f, W/f), M̂ (B, 1, H/f, W/f))."""
 
-    def __init__(
-        self,
-        *,
-        in_channels: int,
-        base_channels: int,
-        channel_mult: tuple[int, ...],
-        num_res_blocks: int,
-        attn_resolutions: tuple[int, ...],
-        z_channels: int,
-        resolution: int,
-        alpha: float,
-    ):
+    def __init__(self, in_channels: int, layout: Layout, alpha: float):
         super().__init__()
-        self.levels = encoder_levels(base_channels, tuple(channel_mult), resolution, tuple(attn_resolutions))
+        self.levels = layout.levels()
         top = self.levels[-1].channels
-        self.conv_in = RestrictiveConv2d(in_channels, base_channels, 3, padding=1, alpha=alpha)
-        self.down = nn.ModuleList(RestrictiveDownLevel(level, num_res_blocks, alpha) for level in self.levels)
+        self.conv_in = RestrictiveConv2d(in_channels, layout.base_channels, 3, padding=1, alpha=alpha)
+        self.down = nn.ModuleList(RestrictiveDownLevel(level, layout.num_res_blocks, alpha) for level in self.levels)
         self.mid = RestrictiveMidBlock(top, alpha)
         self.norm_out = MaskedGroupNorm(top)
-        self.conv_out = RestrictiveConv2d(top, z_channels, 3, padding=1, alpha=alpha)
+        self.conv_out = RestrictiveConv2d(top, layout.z_channels, 3, padding=1, alpha=alpha)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, _ = self.conv_in(x, mask)
@@ -193,28 +171,34 @@ class RestrictiveBackbone(nn.Module):
 # ---------------------------------------------------------------------------------- encoders
 
 
-def _layout(vq: VQGANConfig, enc: EncoderConfig, resolution: int, in_channels: int) -> dict:
-    """The VQGAN encoder's widths and levels, with the stage-1 attention resolutions."""
-    return dict(
-        in_channels=in_channels,
-        base_channels=vq.base_channels,
-        channel_mult=tuple(vq.channel_mult),
-        num_res_blocks=vq.num_res_blocks,
-        attn_resolutions=tuple(enc.attn_resolutions),
-        z_channels=vq.z_channels,
-        resolution=resolution,
-    )
+class _TrainedEncoder(nn.Module):
+    """What the trained encoders share: a backbone with the VQGAN encoder's widths and stage 1's
+    attention resolutions on the input [X⊙M, M], a 1x1 head to the K logits, and a spec."""
 
-
-class RestrictiveEncoder(nn.Module):
-    """The paper's restrictive encoder (Sec. 3.1) on the input [X⊙M, M]."""
-
-    def __init__(self, vq: VQGANConfig, enc: EncoderConfig, resolution: int, in_channels: int = 4):
+    def __init__(self, vq: VQGANConfig, enc: EncoderConfig, resolution: int, backbone: type[nn.Module], **kwargs):
         super().__init__()
+        self.vq, self.enc, self.resolution = vq, enc, resolution
         self.alpha = enc.alpha
         self.factor = 2 ** (len(vq.channel_mult) - 1)
-        self.encoder = RestrictiveBackbone(**_layout(vq, enc, resolution, in_channels), alpha=enc.alpha)
+        self.encoder = backbone(IMAGE_CHANNELS + 1, Layout.of(vq, resolution, enc.attn_resolutions), **kwargs)
         self.head = nn.Conv2d(vq.z_channels, vq.n_embed, 1)
+
+    def spec(self) -> dict:
+        """What rebuilds this model (saved.load_model); `encoder.alpha` may be overridden there."""
+        return {"model": type(self).__name__, "vqgan": to_dict(self.vq), "encoder": to_dict(self.enc),
+                "resolution": self.resolution}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> _TrainedEncoder:
+        return cls(build(VQGANConfig, spec["vqgan"], "vqgan spec"), build(EncoderConfig, spec["encoder"], "encoder spec"),
+                   spec["resolution"])
+
+
+class RestrictiveEncoder(_TrainedEncoder):
+    """The paper's restrictive encoder (Sec. 3.1) on the input [X⊙M, M]."""
+
+    def __init__(self, vq: VQGANConfig, enc: EncoderConfig, resolution: int):
+        super().__init__(vq, enc, resolution, RestrictiveBackbone, alpha=enc.alpha)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, 3, H, W), mask (B, 1, H, W) -> (logits (B, K, H/f, W/f), M̂ (B, H/f, W/f) bool)."""
@@ -224,16 +208,12 @@ class RestrictiveEncoder(nn.Module):
         return _masked_logits(self.head(z), m_hat)
 
 
-class VanillaEncoder(nn.Module):
+class VanillaEncoder(_TrainedEncoder):
     """Ablation: the same layout with ordinary convolutions, GroupNorm and attention on
     [X⊙M, M]; M̂ from `token_mask`, so its tokens are scored where the restrictive encoder's are."""
 
-    def __init__(self, vq: VQGANConfig, enc: EncoderConfig, resolution: int, in_channels: int = 4):
-        super().__init__()
-        self.alpha = enc.alpha
-        self.factor = 2 ** (len(vq.channel_mult) - 1)
-        self.encoder = Encoder(**_layout(vq, enc, resolution, in_channels))
-        self.head = nn.Conv2d(vq.z_channels, vq.n_embed, 1)
+    def __init__(self, vq: VQGANConfig, enc: EncoderConfig, resolution: int):
+        super().__init__(vq, enc, resolution, Encoder)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, 3, H, W), mask (B, 1, H, W) -> (logits (B, K, H/f, W/f), M̂ (B, H/f, W/f) bool)."""

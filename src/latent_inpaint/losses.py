@@ -45,6 +45,7 @@ class NLayerDiscriminator(nn.Module):
 
     def __init__(self, in_channels: int = 3, channels: int = 64, n_layers: int = 3):
         super().__init__()
+        self.in_channels, self.channels, self.n_layers = in_channels, channels, n_layers
         layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         mult = 1
         for n in range(1, n_layers + 1):
@@ -63,6 +64,15 @@ class NLayerDiscriminator(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.normal_(m.weight, 1.0, 0.02)
                 nn.init.zeros_(m.bias)
+
+    def spec(self) -> dict:
+        """What rebuilds this model (saved.load_model)."""
+        return {"model": type(self).__name__, "in_channels": self.in_channels, "channels": self.channels,
+                "n_layers": self.n_layers}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> NLayerDiscriminator:
+        return cls(spec["in_channels"], spec["channels"], spec["n_layers"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.main(x)  # (B, 1, h, w) patch logits

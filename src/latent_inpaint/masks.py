@@ -17,13 +17,13 @@ import math
 import shutil
 import warnings
 import zlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from .config import FreeFormConfig, MasksConfig, to_dict
-from .data.ingest import split_keys
 from .files import atomic_write
 
 KINDS = ("small", "large", "box")
@@ -164,9 +164,10 @@ def _grid(rows: dict[str, list[np.ndarray]], size: int) -> Image.Image:
     return grid
 
 
-def write_eval_masks(cfg: MasksConfig, size: int, shards_dir: Path, out_dir: Path) -> dict:
-    """Write `<split>/<kind>/<key>.png` for every image of each split in `cfg.splits`, the preview
-    grid `masks.png` and `manifest.json` (last, so it exists only for a complete set)."""
+def write_eval_masks(cfg: MasksConfig, size: int, keys: Mapping[str, Sequence[str]], out_dir: Path) -> dict:
+    """Write `<split>/<kind>/<key>.png` for every image key of each split in `cfg.splits` (`keys`:
+    the split's image keys in shard order), the preview grid `masks.png` and `manifest.json` (last,
+    so it exists only for a complete set)."""
     if not cfg.splits:
         raise ValueError("masks.splits is empty: there are no evaluation masks to write")
     out_dir = Path(out_dir)
@@ -174,21 +175,20 @@ def write_eval_masks(cfg: MasksConfig, size: int, shards_dir: Path, out_dir: Pat
     (out_dir / MANIFEST).unlink(missing_ok=True)
     splits: dict = {}
     for split in cfg.splits:
-        keys = split_keys(shards_dir, split)
         splits[split] = {}
         for kind in KINDS:
             folder = out_dir / split / kind
             shutil.rmtree(folder, ignore_errors=True)  # no stale masks of keys from an earlier run
             folder.mkdir(parents=True)
             digest, ratios = hashlib.sha256(), []
-            for index, key in enumerate(keys):
+            for index, key in enumerate(keys[split]):
                 mask = eval_mask(kind, size, cfg, split, index)
                 data = _png(mask)
                 (folder / f"{key}.png").write_bytes(data)
                 digest.update(data)
                 ratios.append(hole_ratio(mask))
             splits[split][kind] = {
-                "count": len(keys),
+                "count": len(keys[split]),
                 "hole_ratio": {"mean": float(np.mean(ratios)), "min": min(ratios), "max": max(ratios)}
                 if ratios
                 else None,
@@ -209,6 +209,33 @@ def write_eval_masks(cfg: MasksConfig, size: int, shards_dir: Path, out_dir: Pat
     }
     atomic_write(out_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+def read_eval_mask(masks_dir: Path, split: str, kind: str, key: str) -> np.ndarray:
+    """The fixed evaluation mask of one image, as `write_eval_masks` wrote it."""
+    return load_mask(Path(masks_dir) / split / kind / f"{key}.png", hole_is_white=False)
+
+
+def user_mask(spec: str, image_path: Path, shape: tuple[int, int], cfg: MasksConfig, *, seed: int, index: int,
+              hole_is_white: bool = True) -> np.ndarray:
+    """The mask (H, W), 1 = visible, of the `index`-th image a user inpaints. `spec`: a kind
+    (box|small|large: generated at the image's longer side, drawn from (seed, index), centre-cropped
+    to `shape`), a mask file, or a folder holding the file named like the image."""
+    if spec in KINDS:
+        side = max(shape)
+        if spec == "box":
+            square = box_mask(side, cfg.box_fraction)
+        else:
+            square = free_form_mask(side, getattr(cfg, spec), np.random.default_rng([seed, index]))
+        top, left = (side - shape[0]) // 2, (side - shape[1]) // 2
+        return square[top : top + shape[0], left : left + shape[1]]
+    path = Path(spec)
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.stem == Path(image_path).stem)
+        if not found:
+            raise ValueError(f"no mask named {Path(image_path).stem}.* in {path} for {image_path}")
+        path = found[0]
+    return load_mask(path, hole_is_white=hole_is_white, size=shape)
 
 
 def load_mask(path, hole_is_white: bool = True, size: tuple[int, int] | None = None) -> np.ndarray:

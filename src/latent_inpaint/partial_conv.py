@@ -130,18 +130,9 @@ class RestrictiveConv2d(_MaskedConv2d):
     The paper prints 1/sum(M); sum(1)/sum(M) is Liu et al.'s form (see the module docstring,
     which also gives the border rule)."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        stride: int = 1,
-        padding: int | Padding = 0,
-        bias: bool = True,
-        *,
-        alpha: float,
-    ):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias)
+    def __init__(self, *args, alpha: float, **kwargs):
+        """PartialConv2d's arguments, and alpha: the visible fraction a window needs."""
+        super().__init__(*args, **kwargs)
         _check_alpha(alpha)
         self.alpha = alpha
 

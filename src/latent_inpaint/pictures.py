@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import tarfile
-from pathlib import Path
-
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .data.images import decode
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Images (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 def grid(images: list[np.ndarray], cols: int, pad: int = 2, background: int = 255) -> Image.Image:
@@ -23,21 +24,6 @@ def grid(images: list[np.ndarray], cols: int, pad: int = 2, background: int = 25
         r, c = divmod(i, cols)
         canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = tile
     return Image.fromarray(canvas)
-
-
-def shard_preview(shards_dir: Path, split: str, count: int = 16, cols: int = 8) -> Image.Image:
-    """The first `count` images of a split as a grid, read straight from its shards."""
-    from .data.ingest import shard_paths
-
-    images = []
-    for tar_path in shard_paths(shards_dir, split):
-        with tarfile.open(tar_path) as tar:
-            for member in tar:
-                if member.name.endswith((".png", ".jpg")):
-                    images.append(decode(tar.extractfile(member).read()))
-                    if len(images) == count:
-                        return grid(images, cols)
-    return grid(images, cols)
 
 
 FIGURE_PANEL = 256  # token_mask_figure scales each panel up by a whole factor towards this side
@@ -87,3 +73,8 @@ def token_mask_figure(
         ImageDraw.Draw(label).multiline_text((6, 6), text, fill=(0, 0, 0), font=ImageFont.load_default())
         tiles += [np.asarray(label), pixels, tokens]
     return grid(tiles, cols=3, pad=FIGURE_PAD, background=FIGURE_BACKGROUND)
+
+
+def inpainting_row(image: np.ndarray, mask: np.ndarray, samples: list[np.ndarray]) -> list[np.ndarray]:
+    """One row of a samples grid: the input, the input with its hole grey, then the samples."""
+    return [image, np.where(mask[..., None].astype(bool), image, np.uint8(128)), *samples]

@@ -1,10 +1,9 @@
-"""MLflow tracking: one run per pipeline invocation, shared by every stage that runs in it.
+"""MLflow tracking with nested runs: a parent run per pipeline invocation, a child run per stage.
 
-Snakemake runs each job as its own process (locally or as a SLURM job), so the stages of one
-`snakemake` call meet in MLflow through an id the Snakefile puts in the environment
-(`LATENT_INPAINT_INVOCATION`, see `ensure_invocation`): the first stage to start creates the run
-tagged with it, the others find it. A file lock makes find-or-create atomic across processes.
-A stage started without the variable (a standalone CLI call) gets a run of its own.
+Snakemake runs each job as its own process (locally or as a SLURM job). The jobs of one call
+share an id that the Snakefile puts in the environment (`LATENT_INPAINT_INVOCATION`, see
+`ensure_invocation`): the first to start creates the parent run tagged with it, the others find
+it, under a file lock in the working directory. A standalone CLI call gets a parent of its own.
 
 The store is the `tracking.uri` param, else `$MLFLOW_TRACKING_URI`, else an SQLite file in the
 working directory with artifacts beside it in `mlruns/`. SQLite lets one writer in at a time and
@@ -39,8 +38,8 @@ if TYPE_CHECKING:
 
 TRACKING_ENV = "LATENT_INPAINT_TRACKING"  # set by the Snakefile: tracking settings are no rerun trigger
 INVOCATION_ENV = "LATENT_INPAINT_INVOCATION"
-INVOCATION_TAG = "latent_inpaint.invocation"
-STAGE_TAG_PREFIX = "latent_inpaint.stage."  # + stage name: running | done | failed
+INVOCATION_TAG = "latent_inpaint.invocation"  # on the parent run
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting: the UI folds a child under its parent
 STATE_DIR = ".latent-inpaint"  # under the working directory: the lock file
 EMBEDDED_DB = "mlflow.db"
 EMBEDDED_ARTIFACTS = "mlruns"
@@ -48,12 +47,7 @@ EMBEDDED_ARTIFACTS = "mlruns"
 UI_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 LOCK_TIMEOUT_S = 300.0
-_NAME = re.compile(r"[A-Za-z0-9_\-.]+")
 _log = logging.getLogger(__name__)
-
-
-class ParamConflictError(ValueError):
-    """A stage logged a parameter that its pipeline run already holds with another value."""
 
 
 def tracking_config(params: Mapping[str, Any]) -> TrackingConfig:
@@ -113,230 +107,184 @@ def stage_run(
     params: Mapping[str, Any],
     workdir: str | os.PathLike | None = None,
 ) -> Iterator[Tracker]:
-    """Track one stage inside its invocation's run; the stage tag ends `done` or `failed`.
+    """Track one stage as a child run (named `stage`) of its invocation's parent run.
 
     `params` holds the param sections the stage reads, e.g. {"data": {...}, "vqgan": {...}};
-    they are logged flattened (`data.size`). With `cfg.enabled` false nothing is opened or written
-    and the tracker's methods do nothing.
+    they are logged flattened (`data.size`) to the child. The child ends FINISHED, or FAILED when
+    the block raises. With `cfg.enabled` false nothing is opened or written and the tracker's
+    methods do nothing.
     """
-    _check_name("stage", stage)
     if not cfg.enabled:
-        yield Tracker(stage)
+        yield Tracker()
         return
-    store = _Store.open(cfg, _workdir(workdir))
     invocation = os.environ.get(INVOCATION_ENV) or uuid.uuid4().hex
-    _check_name(INVOCATION_ENV, invocation)
-    run_id = store.run_for(invocation, cfg.experiment)
-    store.log_params(run_id, flatten_params(params), invocation)
-    store.set_stage(run_id, stage, "running")
+    if not re.fullmatch(r"[A-Za-z0-9_\-.]+", invocation):  # it goes into a search filter
+        raise ValueError(f"{INVOCATION_ENV} must use only letters, digits, '_', '-' and '.', got {invocation!r}")
+    workdir = _workdir(workdir)
+    uri = resolve_uri(cfg, workdir)
+    (workdir / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    lock = FileLock(workdir / STATE_DIR / "mlflow.lock", timeout=LOCK_TIMEOUT_S)
+    # The lock makes find-or-create of the parent atomic, and keeps two processes from running a
+    # fresh SQLite store's schema migrations at once.
+    with _locked(lock):
+        client = _open(uri)
+        embedded = uri == f"sqlite:///{workdir / EMBEDDED_DB}"
+        exp_id = _experiment(client, cfg.experiment, workdir / EMBEDDED_ARTIFACTS if embedded else None)
+        found = client.search_runs([exp_id], f"tags.`{INVOCATION_TAG}` = '{invocation}'", max_results=1)
+        if found:
+            parent = found[0].info.run_id
+        else:
+            name = f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}-{invocation[:8]}"
+            parent = client.create_run(exp_id, run_name=name, tags={INVOCATION_TAG: invocation}).info.run_id
+        child = client.create_run(exp_id, run_name=stage, tags={PARENT_TAG: parent}).info.run_id
+        _settle(client, exp_id, parent)
+
+    def end(status: str) -> None:
+        with _locked(lock):
+            client.set_terminated(child, status)
+            _settle(client, exp_id, parent)
+
+    tracker = Tracker(client, child, cfg.log_images, lock if uri.startswith("sqlite:") else None)
     try:
-        yield Tracker(stage, store, run_id, cfg.log_images)
+        from mlflow.entities import Param
+
+        tracker._log_batch(params=[Param(k, v) for k, v in flatten_params(params).items()])
+        yield tracker
     except BaseException:
         try:
-            store.set_stage(run_id, stage, "failed")
+            end("FAILED")
         except Exception as exc:  # the stage's own error is the one to report
-            _log.warning("could not mark stage %s failed in MLflow run %s: %s", stage, run_id, exc)
+            _log.warning("could not mark MLflow run %s (stage %s) failed: %s", child, stage, exc)
         raise
-    store.set_stage(run_id, stage, "done")
+    end("FINISHED")
 
 
 class Tracker:
-    """What a stage logs to its run; every name lands under `<stage>/`. Inert when disabled."""
+    """What a stage logs to its own child run. Inert when disabled.
 
-    def __init__(
-        self, stage: str, store: _Store | None = None, run_id: str | None = None, log_images: bool = False
-    ):
-        self.stage = stage
+    Names carry no `<stage>/` prefix: the run is the stage. Stages that log the same quantity
+    (encoder and encoder_vanilla, the evaluation variants) then share metric names, which MLflow's
+    compare view draws on one chart.
+    """
+
+    def __init__(self, client: MlflowClient | None = None, run_id: str | None = None,
+                 log_images: bool = False, write_lock: FileLock | None = None):  # fmt: skip
         self.run_id = run_id
-        self._store = store
+        self._client = client
         self._log_images = log_images
+        self._write_lock = write_lock  # SQLite answers concurrent writers with errors
 
     @property
     def enabled(self) -> bool:
-        return self._store is not None
+        return self._client is not None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        if self._store is None:
+        if self._client is None:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(f"{self.stage}/{k}", float(v), now, step or 0) for k, v in metrics.items()]
-        self._store.log_batch(self.run_id, metrics=batch)
+        self._log_batch(metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
 
     def log_image(self, image: Any, name: str) -> None:
         """A PIL image, an (H, W) / (H, W, 3|4) uint8 array, or an image file, stored as PNG."""
-        if self._store is None or not self._log_images:
+        if self._client is None or not self._log_images:
             return
         name = name if name.lower().endswith(".png") else f"{name}.png"
-        with tempfile.TemporaryDirectory() as tmp:
+        if not isinstance(image, (str, os.PathLike)):
+            self._client.log_image(self.run_id, image, artifact_file=name)
+            return
+        with tempfile.TemporaryDirectory() as tmp:  # a file is kept byte for byte under `name`
             local = Path(tmp, PurePosixPath(name).name)
-            if isinstance(image, (str, os.PathLike)) and Path(image).suffix.lower() == ".png":
+            if Path(image).suffix.lower() == ".png":
                 shutil.copyfile(image, local)
             else:
-                _to_pil(image).save(local)
-            self._upload(local, name)
+                from PIL import Image
+
+                with Image.open(image) as img:
+                    img.save(local)
+            self._client.log_artifact(self.run_id, str(local), _folder(name))
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        """A file or a folder, kept under its own name at `<stage>/<artifact_path>/`."""
-        if self._store is None:
+        """A file or a folder, kept under its own name in `artifact_path/` (default: the top)."""
+        if self._client is None:
             return
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"cannot log artifact {path}: no such file or folder")
-        dest = self._artifact_dir(f"{artifact_path}/{path.name}" if artifact_path else path.name)
+        dest = f"{artifact_path}/{path.name}" if artifact_path else path.name
         if path.is_dir():
-            self._store.client.log_artifacts(self.run_id, str(path), dest.as_posix())
+            self._client.log_artifacts(self.run_id, str(path), dest)
         else:
-            self._store.client.log_artifact(self.run_id, str(path), dest.parent.as_posix())
+            self._client.log_artifact(self.run_id, str(path), _folder(dest))
 
     def log_dict(self, d: Mapping[str, Any], name: str) -> None:
-        """`d` as a JSON file `<stage>/<name>` (`.json` appended when missing)."""
-        if self._store is None:
-            return
-        name = name if name.lower().endswith(".json") else f"{name}.json"
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp, PurePosixPath(name).name)
-            local.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
-            self._upload(local, name)
+        """`d` as a JSON file `name` (`.json` appended when missing)."""
+        if self._client is not None:
+            self._client.log_dict(self.run_id, d, name if name.lower().endswith(".json") else f"{name}.json")
 
-    def _artifact_dir(self, name: str) -> PurePosixPath:
-        rel = PurePosixPath(name)
-        if rel.is_absolute() or ".." in rel.parts:
-            raise ValueError(f"artifact name must be a relative path without '..', got {name!r}")
-        return PurePosixPath(self.stage) / rel
-
-    def _upload(self, local: Path, name: str) -> None:
-        self._store.client.log_artifact(self.run_id, str(local), self._artifact_dir(name).parent.as_posix())
-
-
-# ---------------------------------------------------------------------------------- the store
-
-
-class _Store:
-    """An opened MLflow store plus the lock that orders this working directory's writers."""
-
-    def __init__(self, client: MlflowClient, uri: str, workdir: Path, lock: FileLock):
-        self.client = client
-        self.uri = uri
-        self.workdir = workdir
-        self.lock = lock
-
-    @classmethod
-    def open(cls, cfg: TrackingConfig, workdir: Path) -> _Store:
-        uri = resolve_uri(cfg, workdir)
-        state = workdir / STATE_DIR
-        state.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(state / "mlflow.lock", timeout=LOCK_TIMEOUT_S)
-        # Creating a fresh SQLite store runs its schema migrations: two processes must not.
-        with _locked(lock):
-            try:
-                from mlflow import MlflowClient
-
-                client = MlflowClient(tracking_uri=uri)
-                client.get_experiment_by_name(cfg.experiment)
-            except Exception as exc:
-                raise RuntimeError(
-                    f"cannot open the MLflow tracking store {uri!r}: {exc}\n"
-                    "Set params tracking.uri or the MLFLOW_TRACKING_URI environment variable to a "
-                    "store that works (e.g. sqlite:///mlflow.db or http://127.0.0.1:5000), or turn "
-                    "tracking off with tracking.enabled: false."
-                ) from exc
-        return cls(client, uri, workdir, lock)
-
-    def writing(self):
-        """Held around every write: SQLite answers concurrent writers with errors."""
-        return _locked(self.lock) if self.uri.startswith("sqlite:") else contextlib.nullcontext()
-
-    @property
-    def embedded(self) -> bool:
-        return self.uri == f"sqlite:///{self.workdir / EMBEDDED_DB}"
-
-    def run_for(self, invocation: str, experiment: str) -> str:
-        """The id of the invocation's run in `experiment`, created by the first caller."""
-        with _locked(self.lock):
-            exp = self.client.get_experiment_by_name(experiment)
-            if exp is None:
-                location = (self.workdir / EMBEDDED_ARTIFACTS).as_uri() if self.embedded else None
-                exp_id = self.client.create_experiment(experiment, artifact_location=location)
-            elif exp.lifecycle_stage == "deleted":
-                raise RuntimeError(
-                    f"MLflow experiment {experiment!r} in {self.uri} is deleted: restore it "
-                    f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or choose "
-                    "another name in params tracking.experiment"
-                )
-            else:
-                exp_id = exp.experiment_id
-            found = self.client.search_runs(
-                [exp_id], filter_string=f"tags.`{INVOCATION_TAG}` = '{invocation}'", max_results=1
-            )
-            if found:
-                return found[0].info.run_id
-            name = f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}-{invocation[:8]}"
-            run = self.client.create_run(exp_id, run_name=name, tags={INVOCATION_TAG: invocation})
-            return run.info.run_id
-
-    def log_params(self, run_id: str, flat: dict[str, str], invocation: str) -> None:
-        """Log what the run lacks; a key it holds with another value is a ParamConflictError."""
-        from mlflow.entities import Param
-        from mlflow.exceptions import MlflowException
-
-        with self.writing():
-            held = self.client.get_run(run_id).data.params
-            self._check_conflicts(run_id, held, flat, invocation)
-            try:
-                self.log_batch(run_id, params=[Param(k, v) for k, v in flat.items() if k not in held])
-            except MlflowException:
-                # Another process of the run got in first (remote stores are not locked).
-                self._check_conflicts(run_id, self.client.get_run(run_id).data.params, flat, invocation)
-                raise
-
-    def log_batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:
-        """MLflow caps a batch at 1000 metrics and 100 params or tags."""
-        metrics, params, tags = list(metrics), list(params), list(tags)
-        with self.writing():
+    def _log_batch(self, metrics=(), params=()) -> None:
+        """MLflow caps a batch at 1000 metrics and 100 params."""
+        with contextlib.nullcontext() if self._write_lock is None else _locked(self._write_lock):
             for i in range(0, len(metrics), 1000):
-                self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
-            for i in range(0, max(len(params), len(tags)), 100):
-                self.client.log_batch(run_id, params=params[i : i + 100], tags=tags[i : i + 100])
-
-    def set_stage(self, run_id: str, stage: str, state: str) -> None:
-        """Tag the stage, then derive the run's status from all its stage tags."""
-        with _locked(self.lock):
-            self.client.set_tag(run_id, STAGE_TAG_PREFIX + stage, state)
-            run = self.client.get_run(run_id)
-            states = {v for k, v in run.data.tags.items() if k.startswith(STAGE_TAG_PREFIX)}
-            status = "FAILED" if "failed" in states else "RUNNING" if "running" in states else "FINISHED"
-            if status == "RUNNING":
-                if run.info.status != status:
-                    self.client.update_run(run_id, status)
-            else:
-                self.client.set_terminated(run_id, status)  # stamps the end time
-
-    @staticmethod
-    def _check_conflicts(
-        run_id: str, held: Mapping[str, str], flat: Mapping[str, str], invocation: str
-    ) -> None:
-        clashes = [f"{k}: logged {held[k]!r}, now {v!r}" for k, v in flat.items() if held.get(k, v) != v]
-        if clashes:
-            raise ParamConflictError(
-                f"MLflow run {run_id} (invocation {invocation}) already holds other values for "
-                f"{len(clashes)} param(s): {'; '.join(clashes)}. MLflow params cannot change within a "
-                f"run, and one pipeline invocation must use one set of params: start a new "
-                f"invocation (a new snakemake call, or unset {INVOCATION_ENV} if it was exported by hand)."
-            )
+                self._client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+            for i in range(0, len(params), 100):
+                self._client.log_batch(self.run_id, params=params[i : i + 100])
 
 
-# ---------------------------------------------------------------------------------- helpers
+def _open(uri: str) -> MlflowClient:
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # reaches the store: migrates or fails here
+        return client
+    except Exception as exc:
+        raise RuntimeError(
+            f"cannot open the MLflow tracking store {uri!r}: {exc}\n"
+            "Set params tracking.uri or the MLFLOW_TRACKING_URI environment variable to a "
+            "store that works (e.g. sqlite:///mlflow.db or http://127.0.0.1:5000), or turn "
+            "tracking off with tracking.enabled: false."
+        ) from exc
+
+
+def _experiment(client: MlflowClient, name: str, artifacts: Path | None) -> str:
+    """The id of experiment `name`, created (with its artifacts in `artifacts`) when missing."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, artifact_location=artifacts and artifacts.as_uri())
+    if exp.lifecycle_stage == "deleted":
+        raise RuntimeError(
+            f"MLflow experiment {name!r} is deleted: restore it (mlflow experiments restore "
+            f"--experiment-id {exp.experiment_id}) or choose another name in params tracking.experiment"
+        )
+    return exp.experiment_id
+
+
+def _settle(client: MlflowClient, exp_id: str, parent: str) -> None:
+    """The parent is FAILED if a stage failed, RUNNING while one runs, FINISHED otherwise.
+
+    A stage's latest attempt counts: a SLURM job requeued after preemption, or a rerun after a
+    crash, makes a new child of the same name whose success clears the earlier failure.
+    """
+    children = client.search_runs([exp_id], f"tags.`{PARENT_TAG}` = '{parent}'", order_by=["attributes.start_time ASC"])
+    states = set({run.info.run_name: run.info.status for run in children}.values())
+    if states & {"FAILED", "KILLED"}:
+        client.set_terminated(parent, "FAILED")
+    elif "RUNNING" in states:
+        client.update_run(parent, "RUNNING")
+    else:
+        client.set_terminated(parent, "FINISHED")  # stamps the end time
 
 
 def _workdir(workdir: str | os.PathLike | None) -> Path:
     return (Path.cwd() if workdir is None else Path(workdir)).resolve()
 
 
-def _check_name(what: str, name: str) -> None:
-    if not _NAME.fullmatch(name):
-        raise ValueError(f"{what} must use only letters, digits, '_', '-' and '.', got {name!r}")
+def _folder(name: str) -> str | None:
+    """The folder part of an artifact name; None for the run's top folder."""
+    parent = PurePosixPath(name).parent.as_posix()
+    return None if parent == "." else parent
 
 
 @contextlib.contextmanager
@@ -349,24 +297,3 @@ def _locked(lock: FileLock) -> Iterator[None]:
             f"waited {LOCK_TIMEOUT_S:.0f} s for the tracking lock {lock.lock_file}: is another "
             "latent-inpaint process stuck? (A lock on a network file system may never be granted.)"
         ) from None
-
-
-def _to_pil(image: Any):
-    import numpy as np
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as img:
-            return img.copy()
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
-            raise ValueError(
-                f"log_image expects a uint8 array of shape (H, W), (H, W, 3) or (H, W, 4), "
-                f"got {image.dtype} {image.shape}"
-            )
-        return Image.fromarray(image)
-    raise TypeError(
-        f"log_image expects a PIL image, a uint8 numpy array or a path, got {type(image).__name__}"
-    )

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latent_inpaint.config import TransformerConfig
+from latent_inpaint.config import TransformerConfig, build, to_dict
 
 
 class SelfAttention(nn.Module):
@@ -97,6 +97,16 @@ class BidirectionalTransformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def spec(self) -> dict:
+        """What rebuilds this model (saved.load_model); the codebook is in its weights."""
+        return {"model": type(self).__name__, "transformer": to_dict(self.cfg), "n_embed": self.n_embed,
+                "embed_dim": self.codebook.shape[1], "grid": self.grid}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> BidirectionalTransformer:
+        codebook = torch.zeros(spec["n_embed"], spec["embed_dim"])  # a placeholder the saved weights replace
+        return cls(build(TransformerConfig, spec["transformer"], "transformer spec"), codebook, spec["grid"])
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

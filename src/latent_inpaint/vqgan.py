@@ -1,28 +1,21 @@
 """Stage 0: the VQGAN that turns images into tokens (taming-transformers' "f16" layout).
 
 Every parameter carries the name taming-transformers gives it, so a user's taming VQGAN checkpoint
-loads strictly (`import_taming_checkpoint`). Images are (B, 3, H, W) in [-1, 1]; tokens are
+loads strictly (`taming.import_taming_checkpoint`). Images are (B, 3, H, W) in [-1, 1]; tokens are
 (B, H/f, W/f) with f = 2**(len(channel_mult) - 1), i.e. 16 for the paper's configuration.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
-import pickle
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latent_inpaint.config import VQGANConfig
-
-log = logging.getLogger(__name__)
+from latent_inpaint.config import VQGANConfig, build, to_dict
 
 IMAGE_CHANNELS = 3
-LOSS_PREFIX = "loss."  # taming stores its LPIPS network and discriminator under this prefix
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -73,16 +66,19 @@ class AttnBlock(nn.Module):
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        y = self.norm(x)
+    def attend(self, y: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """proj_out(attention(y)) for normalised features y (B, C, h, w); `keys` (B, 1, 1, h*w)
+        bool, where given, says which positions every query may attend to."""
+        b, c, h, w = y.shape
 
         def tokens(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(b, 1, c, h * w).transpose(2, 3)  # (B, 1 head, h*w, C)
 
-        y = F.scaled_dot_product_attention(tokens(self.q(y)), tokens(self.k(y)), tokens(self.v(y)))
-        y = y.transpose(2, 3).reshape(b, c, h, w)
-        return x + self.proj_out(y)
+        y = F.scaled_dot_product_attention(tokens(self.q(y)), tokens(self.k(y)), tokens(self.v(y)), attn_mask=keys)
+        return self.proj_out(y.transpose(2, 3).reshape(b, c, h, w))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attend(self.norm(x))
 
 
 class Downsample(nn.Module):
@@ -157,7 +153,40 @@ def encoder_levels(
     ]
 
 
-class DownLevel(nn.Module):
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The widths and levels an encoder or a decoder is built with: the VQGAN's, or another
+    attention placement on the same widths (the stage-1 encoders)."""
+
+    base_channels: int
+    channel_mult: tuple[int, ...]
+    num_res_blocks: int
+    attn_resolutions: tuple[int, ...]
+    z_channels: int
+    resolution: int
+
+    @classmethod
+    def of(cls, cfg: VQGANConfig, resolution: int, attn_resolutions: tuple[int, ...] | None = None) -> Layout:
+        attn = cfg.attn_resolutions if attn_resolutions is None else attn_resolutions
+        return cls(cfg.base_channels, tuple(cfg.channel_mult), cfg.num_res_blocks, tuple(attn), cfg.z_channels,
+                   resolution)
+
+    def levels(self) -> list[Level]:
+        return encoder_levels(self.base_channels, self.channel_mult, self.resolution, self.attn_resolutions)
+
+
+class _Blocks(nn.Module):
+    """A level's residual blocks (`block`), each followed by self-attention where the level has it (`attn`)."""
+
+    def blocks(self, x: torch.Tensor) -> torch.Tensor:
+        for j, block in enumerate(self.block):
+            x = block(x)
+            if len(self.attn):
+                x = self.attn[j](x)
+        return x
+
+
+class DownLevel(_Blocks):
     def __init__(self, level: Level, num_res_blocks: int):
         super().__init__()
         widths = [level.in_channels] + [level.channels] * num_res_blocks
@@ -166,14 +195,11 @@ class DownLevel(nn.Module):
         self.downsample = Downsample(level.channels) if level.downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for j, block in enumerate(self.block):
-            x = block(x)
-            if len(self.attn):
-                x = self.attn[j](x)
+        x = self.blocks(x)
         return x if self.downsample is None else self.downsample(x)
 
 
-class UpLevel(nn.Module):
+class UpLevel(_Blocks):
     """A decoder level: num_res_blocks + 1 blocks (one more than the encoder, as in taming)."""
 
     def __init__(self, level: Level, in_channels: int, num_res_blocks: int):
@@ -184,35 +210,22 @@ class UpLevel(nn.Module):
         self.upsample = Upsample(level.channels) if level.index != 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for j, block in enumerate(self.block):
-            x = block(x)
-            if len(self.attn):
-                x = self.attn[j](x)
+        x = self.blocks(x)
         return x if self.upsample is None else self.upsample(x)
 
 
 class Encoder(nn.Module):
     """(B, in_channels, H, W) -> (B, z_channels, H/f, W/f)."""
 
-    def __init__(
-        self,
-        *,
-        in_channels: int,
-        base_channels: int,
-        channel_mult: tuple[int, ...],
-        num_res_blocks: int,
-        attn_resolutions: tuple[int, ...],
-        z_channels: int,
-        resolution: int,
-    ):
+    def __init__(self, in_channels: int, layout: Layout):
         super().__init__()
-        self.levels = encoder_levels(base_channels, tuple(channel_mult), resolution, tuple(attn_resolutions))
+        self.levels = layout.levels()
         top = self.levels[-1].channels
-        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
-        self.down = nn.ModuleList(DownLevel(level, num_res_blocks) for level in self.levels)
+        self.conv_in = nn.Conv2d(in_channels, layout.base_channels, 3, padding=1)
+        self.down = nn.ModuleList(DownLevel(level, layout.num_res_blocks) for level in self.levels)
         self.mid = MidBlock(top)
         self.norm_out = group_norm(top)
-        self.conv_out = nn.Conv2d(top, z_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(top, layout.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -225,28 +238,18 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """(B, z_channels, H/f, W/f) -> (B, out_channels, H, W)."""
 
-    def __init__(
-        self,
-        *,
-        out_channels: int,
-        base_channels: int,
-        channel_mult: tuple[int, ...],
-        num_res_blocks: int,
-        attn_resolutions: tuple[int, ...],
-        z_channels: int,
-        resolution: int,
-    ):
+    def __init__(self, out_channels: int, layout: Layout):
         super().__init__()
-        self.levels = encoder_levels(base_channels, tuple(channel_mult), resolution, tuple(attn_resolutions))
+        self.levels = layout.levels()
         top = self.levels[-1].channels
-        self.conv_in = nn.Conv2d(z_channels, top, 3, padding=1)
+        self.conv_in = nn.Conv2d(layout.z_channels, top, 3, padding=1)
         self.mid = MidBlock(top)
         # Built from the lowest resolution up, but indexed like the encoder (up[0] = full
         # resolution): taming's checkpoint names depend on that order.
         up: dict[int, UpLevel] = {}
         width = top
         for level in reversed(self.levels):
-            up[level.index] = UpLevel(level, width, num_res_blocks)
+            up[level.index] = UpLevel(level, width, layout.num_res_blocks)
             width = level.channels
         self.up = nn.ModuleList(up[i] for i in range(len(self.levels)))
         self.norm_out = group_norm(width)
@@ -329,19 +332,19 @@ class VQModel(nn.Module):
                 f"image size {resolution} is not a multiple of the VQGAN's down-sampling factor {self.factor} "
                 f"(len(vqgan.channel_mult) - 1 halvings): change data.size or vqgan.channel_mult"
             )
-        layout = dict(
-            base_channels=cfg.base_channels,
-            channel_mult=tuple(cfg.channel_mult),
-            num_res_blocks=cfg.num_res_blocks,
-            attn_resolutions=tuple(cfg.attn_resolutions),
-            z_channels=cfg.z_channels,
-            resolution=resolution,
-        )
-        self.encoder = Encoder(in_channels=IMAGE_CHANNELS, **layout)
-        self.decoder = Decoder(out_channels=IMAGE_CHANNELS, **layout)
+        self.encoder = Encoder(IMAGE_CHANNELS, Layout.of(cfg, resolution))
+        self.decoder = Decoder(IMAGE_CHANNELS, Layout.of(cfg, resolution))
         self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim, cfg.beta)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+
+    def spec(self) -> dict:
+        """What rebuilds this model (saved.load_model)."""
+        return {"model": type(self).__name__, "vqgan": to_dict(self.cfg), "resolution": self.resolution}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> VQModel:
+        return cls(build(VQGANConfig, spec["vqgan"], "vqgan spec"), spec["resolution"])
 
     def last_layer(self) -> torch.Tensor:
         """The weight the adaptive GAN weight balances its gradients on."""
@@ -372,72 +375,3 @@ class VQModel(nn.Module):
             return self.quantize.nearest(self.quant_conv(self.encoder(x)))
         finally:
             self.train(was_training)
-
-
-# ---------------------------------------------------------------------------------- checkpoints
-
-
-def _read_state_dict(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if not trust_pickle:
-            raise ValueError(
-                f"{path}: the checkpoint holds Python objects beyond tensors, so it cannot be loaded "
-                f"safely ({str(exc).splitlines()[0]}). If you trust its source, pass trust_pickle=True "
-                "(or convert it once to .safetensors)."
-            ) from None
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a taming checkpoint {{'state_dict': {{name: tensor}}}} or a state dict")
-    return obj
-
-
-def _key_list(keys: list[str], limit: int = 20) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def import_taming_checkpoint(
-    path: str | os.PathLike,
-    cfg: VQGANConfig,
-    resolution: int,
-    *,
-    trust_pickle: bool = False,
-) -> VQModel:
-    """A VQModel with the weights of a taming-transformers VQGAN checkpoint (.ckpt with
-    {"state_dict": ...}, or .safetensors), loaded strictly. taming's `loss.*` entries (its LPIPS
-    network and discriminator) are dropped; anything else that does not match `cfg` is an error."""
-    path = Path(path)
-    state = _read_state_dict(path, trust_pickle)
-    dropped = [k for k in state if k.startswith(LOSS_PREFIX)]
-    state = {k: v for k, v in state.items() if not k.startswith(LOSS_PREFIX)}
-    log.info("%s: %d model tensors kept, %d loss.* tensors dropped", path, len(state), len(dropped))
-
-    with torch.device("meta"):
-        model = VQModel(cfg, resolution)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: checkpoint does not match the VQGAN config (after dropping {len(dropped)} loss.* keys)\n"
-            f"  missing ({len(missing)}): {_key_list(missing)}\n"
-            f"  unexpected ({len(unexpected)}): {_key_list(unexpected)}"
-        )
-    mismatched = [k for k in expected if state[k].shape != expected[k].shape]
-    if mismatched:
-        k = mismatched[0]
-        raise ValueError(
-            f"{path}: {len(mismatched)} tensor(s) have the wrong shape for the VQGAN config; first: "
-            f"{k} is {tuple(state[k].shape)} in the checkpoint, {tuple(expected[k].shape)} in the model"
-        )
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model

@@ -1,20 +1,20 @@
 # Data: embedded default photographs -> WebDataset shards -> fixed evaluation masks.
 
-DATA = config["data"]
-SOURCE = "data/default" if DATA["source"] == "default" else DATA["source"]
-
 
 rule default_data:
     output:
-        directory("data/default"),
+        directory(STAGES["default_data"].done[0]),
     params:
-        images=DATA["default_count"],
-        size=DATA["size"],
-        seed=DATA["default_seed"],
+        images=config["data"]["default_count"],
+        size=config["data"]["size"],
+        seed=config["data"]["default_seed"],
+        code=code("default_data"),
     log:
-        "logs/default_data.log",
+        f"{LOGS}/default_data.log",
+    conda:
+        ENV
     resources:
-        **job_resources("light", gpus=0),
+        **job_resources("default_data"),
     shell:
         "latent-inpaint default-data --count {params.images} --size {params.size}"
         " --seed {params.seed} --out {output} 2>&1 | tee {log}"
@@ -22,33 +22,41 @@ rule default_data:
 
 rule prepare:
     input:
-        SOURCE,
+        **inputs("prepare", config),
     output:
-        "data/shards/manifest.json",
+        STAGES["prepare"].done,
     params:
-        cfg=sections("data"),
+        cfg=sections("prepare"),
+        code=code("prepare"),
+        shards=lambda w, output: folder(output[0]),
     log:
-        "logs/prepare.log",
-    threads: DATA["workers"]
+        f"{LOGS}/prepare.log",
+    threads: config["data"]["workers"]
+    conda:
+        ENV
     resources:
-        **job_resources("light", gpus=0),
+        **job_resources("prepare"),
     shell:
         "latent-inpaint prepare --quiet --config-json {params.cfg:q} --set data.workers={threads}"
-        " --source {input} --out data/shards 2>&1 | tee {log}"
+        " --source {input.source} --out {params.shards} 2>&1 | tee {log}"
 
 
 rule masks:
     input:
-        "data/shards/manifest.json",
+        **inputs("masks", config),
     output:
-        "data/masks/manifest.json",
-        "data/masks/masks.png",
+        STAGES["masks"].done,
     params:
         cfg=sections("masks"),
+        code=code("masks"),
+        shards=lambda w, input: folder(input.prepare),
+        masks=lambda w, output: folder(output[0]),
     log:
-        "logs/masks.log",
+        f"{LOGS}/masks.log",
+    conda:
+        ENV
     resources:
-        **job_resources("light", gpus=0),
+        **job_resources("masks"),
     shell:
-        "latent-inpaint masks --quiet --config-json {params.cfg:q}"
-        " --shards data/shards --out data/masks 2>&1 | tee {log}"
+        "latent-inpaint masks --quiet --config-json {params.cfg:q} --shards {params.shards} --out {params.masks}"
+        " 2>&1 | tee {log}"

@@ -2,81 +2,72 @@
 # so a sampling parameter reruns them and no training. Ablations are wildcards over already
 # trained parts (the vanilla encoder is the one extra training they need).
 
-FINALS = expand("runs/{stage}/final/config.json", stage=["vqgan", "encoder", "transformer", "decoder"])
-ABLATIONS = config["evaluate"]["ablations"]
-
-
-rule encoder_vanilla:
-    input:
-        "data/shards/manifest.json",
-        "data/tokens/metrics.json",
-        "runs/vqgan/final/config.json",
-    output:
-        "runs/encoder_vanilla/final/config.json",
-    params:
-        cfg=sections("encoder", "masks", "train"),
-    log:
-        "logs/encoder_vanilla.log",
-    threads: PROCESSES * (TRAIN["workers"] + 1)
-    resources:
-        **job_resources("train", gpus=PROCESSES),
-        processes=PROCESSES,
-    shell:
-        "latent-inpaint train-encoder --quiet --processes {resources.processes} --kind vanilla --restart-on-change"
-        " --config-json {params.cfg:q} --vqgan runs/vqgan/final --shards data/shards --tokens data/tokens"
-        " --run-dir runs/encoder_vanilla"
-        " 2>&1 | tee {log}"
-
 
 rule evaluate:
     input:
-        FINALS,
-        "data/masks/manifest.json",
+        **inputs("evaluate", config),
     output:
-        "results/metrics.json",
-        "results/table1.md",
+        metrics=STAGES["evaluate"].done[0],
+        table=STAGES["evaluate"].done[1],
     params:
-        cfg=sections("sample", "evaluate", "weights"),
+        cfg=sections("evaluate"),
+        code=code("evaluate"),
+        shards=lambda w, input: folder(input.prepare),
+        masks=lambda w, input: folder(input.masks[0]),
+        runs=lambda w, input: folder(input.vqgan, 3),
     log:
-        "logs/evaluate.log",
+        f"{LOGS}/evaluate.log",
+    conda:
+        ENV
     resources:
-        **job_resources("infer"),
+        **job_resources("evaluate"),
     shell:
-        "latent-inpaint evaluate --quiet --baseline --config-json {params.cfg:q}"
-        " --out results/metrics.json --table results/table1.md 2>&1 | tee {log}"
+        "latent-inpaint evaluate --quiet --baseline --config-json {params.cfg:q} --runs {params.runs}"
+        " --shards {params.shards} --masks {params.masks} --out {output.metrics} --table {output.table}"
+        " 2>&1 | tee {log}"
 
 
 rule ablation:
     input:
-        FINALS,
-        "data/masks/manifest.json",
-        lambda wc: ["runs/encoder_vanilla/final/config.json"] if wc.variant == "vanilla_encoder" else [],
+        unpack(lambda wc: inputs("ablation", config, variant=wc.variant)),
     output:
-        "results/ablations/{variant}.json",
+        STAGES["ablation"].done,
     params:
-        cfg=sections("sample", "evaluate", "weights"),
+        cfg=sections("ablation"),
+        code=code("ablation"),
+        shards=lambda w, input: folder(input.prepare),
+        masks=lambda w, input: folder(input.masks[0]),
+        runs=lambda w, input: folder(input.vqgan, 3),
     log:
-        "logs/ablation_{variant}.log",
+        f"{LOGS}/ablation_{{variant}}.log",
+    conda:
+        ENV
     resources:
-        **job_resources("infer"),
+        **job_resources("ablation"),
     shell:
         "latent-inpaint evaluate --quiet --variant {wildcards.variant} --kinds box --no-diversity"
-        " --config-json {params.cfg:q} --out {output} 2>&1 | tee {log}"
+        " --config-json {params.cfg:q} --runs {params.runs} --shards {params.shards} --masks {params.masks}"
+        " --out {output} 2>&1 | tee {log}"
 
 
 rule report:
     input:
-        FINALS,
-        "results/metrics.json",
-        ablations=expand("results/ablations/{variant}.json", variant=ABLATIONS),
+        **inputs("report", config),
     output:
-        "results/report.md",
-        "results/samples.png",
+        STAGES["report"].done,
     params:
-        cfg=sections("sample"),
+        cfg=sections("report"),
+        code=code("report"),
+        shards=lambda w, input: folder(input.prepare),
+        masks=lambda w, input: folder(input.masks[0]),
+        runs=lambda w, input: folder(input.vqgan, 3),
+        results=lambda w, output: folder(output[0]),
     log:
-        "logs/report.log",
+        f"{LOGS}/report.log",
+    conda:
+        ENV
     resources:
-        **job_resources("light", gpus=0),
+        **job_resources("report"),
     shell:
-        "latent-inpaint report --quiet --config-json {params.cfg:q} --ablations {input.ablations} 2>&1 | tee {log}"
+        "latent-inpaint report --quiet --config-json {params.cfg:q} --results {params.results} --runs {params.runs}"
+        " --shards {params.shards} --masks {params.masks} --ablations {input.ablation} 2>&1 | tee {log}"

@@ -1,64 +1,102 @@
-# Stages 1-3: the restrictive encoder (images + tokens), the transformer (tokens alone), the decoder.
-# Sampling parameters are read by no rule here: changing them retrains nothing.
+# Stages 1-3: the restrictive encoder (images + tokens), the transformer (tokens alone), the
+# decoder; and the vanilla encoder, trained only for its ablation. No rule here reads `sample`:
+# changing a sampling parameter retrains nothing.
 
 
 rule encoder:
     input:
-        "data/shards/manifest.json",
-        "data/tokens/metrics.json",
-        "runs/vqgan/final/config.json",
+        **inputs("encoder", config),
     output:
-        "runs/encoder/final/config.json",
+        STAGES["encoder"].done,
     params:
-        cfg=sections("encoder", "masks", "train"),
+        cfg=sections("encoder"),
+        code=code("encoder"),
+        shards=lambda w, input: folder(input.prepare),
+        tokens=lambda w, input: folder(input.tokens),
+        vqgan=lambda w, input: folder(input.vqgan, 2),
+        run_dir=lambda w, output: folder(output[0], 2),
     log:
-        "logs/encoder.log",
-    threads: PROCESSES * (TRAIN["workers"] + 1)
+        f"{LOGS}/encoder.log",
+    threads: TRAIN_THREADS
+    conda:
+        ENV
     resources:
-        **job_resources("train", gpus=PROCESSES),
-        processes=PROCESSES,
+        **training("encoder"),
     shell:
         "latent-inpaint train-encoder --quiet --processes {resources.processes} --restart-on-change"
-        " --config-json {params.cfg:q} --vqgan runs/vqgan/final --shards data/shards --tokens data/tokens"
-        " --run-dir runs/encoder 2>&1 | tee {log}"
+        " --config-json {params.cfg:q} --vqgan {params.vqgan} --shards {params.shards} --tokens {params.tokens}"
+        " --run-dir {params.run_dir} 2>&1 | tee {log}"
+
+
+rule encoder_vanilla:
+    input:
+        **inputs("encoder_vanilla", config),
+    output:
+        STAGES["encoder_vanilla"].done,
+    params:
+        cfg=sections("encoder_vanilla"),
+        code=code("encoder_vanilla"),
+        shards=lambda w, input: folder(input.prepare),
+        tokens=lambda w, input: folder(input.tokens),
+        vqgan=lambda w, input: folder(input.vqgan, 2),
+        run_dir=lambda w, output: folder(output[0], 2),
+    log:
+        f"{LOGS}/encoder_vanilla.log",
+    threads: TRAIN_THREADS
+    conda:
+        ENV
+    resources:
+        **training("encoder_vanilla"),
+    shell:
+        "latent-inpaint train-encoder --quiet --processes {resources.processes} --kind vanilla --restart-on-change"
+        " --config-json {params.cfg:q} --vqgan {params.vqgan} --shards {params.shards} --tokens {params.tokens}"
+        " --run-dir {params.run_dir} 2>&1 | tee {log}"
 
 
 rule transformer:
     input:
-        "data/tokens/metrics.json",
-        "runs/vqgan/final/config.json",
+        **inputs("transformer", config),
     output:
-        "runs/transformer/final/config.json",
+        STAGES["transformer"].done,
     params:
-        cfg=sections("transformer", "train"),
+        cfg=sections("transformer"),
+        code=code("transformer"),
+        tokens=lambda w, input: folder(input.tokens),
+        vqgan=lambda w, input: folder(input.vqgan, 2),
+        run_dir=lambda w, output: folder(output[0], 2),
     log:
-        "logs/transformer.log",
-    threads: PROCESSES * (TRAIN["workers"] + 1)
+        f"{LOGS}/transformer.log",
+    threads: TRAIN_THREADS
+    conda:
+        ENV
     resources:
-        **job_resources("train", gpus=PROCESSES),
-        processes=PROCESSES,
+        **training("transformer"),
     shell:
         "latent-inpaint train-transformer --quiet --processes {resources.processes} --restart-on-change"
-        " --config-json {params.cfg:q} --vqgan runs/vqgan/final --tokens data/tokens --run-dir runs/transformer"
-        " 2>&1 | tee {log}"
+        " --config-json {params.cfg:q} --vqgan {params.vqgan} --tokens {params.tokens}"
+        " --run-dir {params.run_dir} 2>&1 | tee {log}"
 
 
 rule decoder:
     input:
-        "data/shards/manifest.json",
-        "data/tokens/metrics.json",
-        "runs/vqgan/final/config.json",
+        **inputs("decoder", config),
     output:
-        "runs/decoder/final/config.json",
+        STAGES["decoder"].done,
     params:
-        cfg=sections("decoder", "masks", "train", "weights", "encoder"),
+        cfg=sections("decoder"),
+        code=code("decoder"),
+        shards=lambda w, input: folder(input.prepare),
+        tokens=lambda w, input: folder(input.tokens),
+        vqgan=lambda w, input: folder(input.vqgan, 2),
+        run_dir=lambda w, output: folder(output[0], 2),
     log:
-        "logs/decoder.log",
-    threads: PROCESSES * (TRAIN["workers"] + 1)
+        f"{LOGS}/decoder.log",
+    threads: TRAIN_THREADS
+    conda:
+        ENV
     resources:
-        **job_resources("train", gpus=PROCESSES),
-        processes=PROCESSES,
+        **training("decoder"),
     shell:
         "latent-inpaint train-decoder --quiet --processes {resources.processes} --restart-on-change"
-        " --config-json {params.cfg:q} --vqgan runs/vqgan/final --shards data/shards --tokens data/tokens"
-        " --run-dir runs/decoder 2>&1 | tee {log}"
+        " --config-json {params.cfg:q} --vqgan {params.vqgan} --shards {params.shards} --tokens {params.tokens}"
+        " --run-dir {params.run_dir} 2>&1 | tee {log}"

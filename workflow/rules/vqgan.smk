@@ -1,36 +1,44 @@
 # Stage 0: train the VQGAN (or import a taming-transformers checkpoint), then tokenize every split.
 
-TRAIN = config["train"]
-
 
 rule vqgan:
     input:
-        "data/shards/manifest.json",
+        **inputs("vqgan", config),
     output:
-        "runs/vqgan/final/config.json",
+        STAGES["vqgan"].done,
     params:
-        cfg=sections("vqgan", "train", "weights"),
+        cfg=sections("vqgan"),
+        code=code("vqgan"),
+        shards=lambda w, input: folder(input.prepare),
+        run_dir=lambda w, output: folder(output[0], 2),
     log:
-        "logs/vqgan.log",
-    threads: PROCESSES * (TRAIN["workers"] + 1)
+        f"{LOGS}/vqgan.log",
+    threads: TRAIN_THREADS
+    conda:
+        ENV
     resources:
-        **job_resources("train", gpus=PROCESSES),
-        processes=PROCESSES,
+        **training("vqgan"),
     shell:
         "latent-inpaint train-vqgan --quiet --processes {resources.processes} --restart-on-change"
-        " --config-json {params.cfg:q} --shards data/shards --run-dir runs/vqgan 2>&1 | tee {log}"
+        " --config-json {params.cfg:q} --shards {params.shards} --run-dir {params.run_dir} 2>&1 | tee {log}"
 
 
 rule tokens:
     input:
-        "data/shards/manifest.json",
-        "runs/vqgan/final/config.json",
+        **inputs("tokens", config),
     output:
-        "data/tokens/metrics.json",
+        STAGES["tokens"].done,
+    params:
+        code=code("tokens"),
+        shards=lambda w, input: folder(input.prepare),
+        vqgan=lambda w, input: folder(input.vqgan, 2),
+        tokens=lambda w, output: folder(output[0]),
     log:
-        "logs/tokens.log",
+        f"{LOGS}/tokens.log",
+    conda:
+        ENV
     resources:
-        **job_resources("infer"),
+        **job_resources("tokens"),
     shell:
-        "latent-inpaint tokenize --quiet --vqgan runs/vqgan/final"
-        " --shards data/shards --out data/tokens 2>&1 | tee {log}"
+        "latent-inpaint tokenize --quiet --vqgan {params.vqgan} --shards {params.shards} --out {params.tokens}"
+        " 2>&1 | tee {log}"

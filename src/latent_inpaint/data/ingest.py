@@ -17,11 +17,12 @@ import tarfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from ..config import DataConfig, to_dict
 from ..files import atomic_write, sha256_file
-from .images import IMAGE_EXTENSIONS, SkipImage, encode, prepare_image
+from .images import IMAGE_EXTENSIONS, SkipImage, decode, encode, prepare_image
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
@@ -317,3 +318,17 @@ def split_keys(shards_dir: Path, split: str) -> list[str]:
     for tar in shard_paths(shards_dir, split):
         keys += json.loads(tar.with_suffix(".json").read_text())["keys"]
     return keys
+
+
+def shard_images(shards_dir: Path, split: str, limit: int) -> list[tuple[str, np.ndarray]]:
+    """The first `limit` (key, (H, W, 3) uint8 image) pairs of a split, in `split_keys` order."""
+    out = []
+    for tar_path in shard_paths(shards_dir, split):
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                if len(out) == limit:
+                    return out
+                key, _, ext = member.name.rpartition(".")
+                if ext in ("png", "jpg"):
+                    out.append((key, decode(tar.extractfile(member).read())))
+    return out

@@ -7,6 +7,8 @@ so a rank reads the same shards every epoch, in an order reshuffled each epoch f
 
 from __future__ import annotations
 
+import functools
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +42,18 @@ def _collate(samples: list[dict]) -> dict:
     return {"image": torch.stack([s["image"] for s in samples]), "key": [s["key"] for s in samples]}
 
 
+def _rank_share(urls, rank: int, world_size: int):
+    """The shards of one rank: every world_size-th, from its own."""
+    return itertools.islice(urls, rank, None, world_size)
+
+
 def image_loader(
     shards_dir: str | Path,
     split: str,
     batch_size: int,
     *,
+    rank: int = 0,
+    world_size: int = 1,
     workers: int = 2,
     shuffle: bool = True,
     seed: int = 0,
@@ -53,8 +62,9 @@ def image_loader(
 ) -> wds.WebLoader:
     """Batches {"image": (B, 3, H, W) float32 in [-1, 1], "key": [str] * B} of one split.
 
-    shuffle=False reads the split in `split_keys` order when workers <= 1; more workers return
-    their batches in turn, a fixed interleaving of that order. `epoch_images` (all ranks together)
+    `rank` of `world_size` ranks reads its own share of the shards. shuffle=False reads the split
+    in `split_keys` order when workers <= 1 (and one rank); more workers return their batches in
+    turn, a fixed interleaving of that order. `epoch_images` (all ranks together)
     makes an epoch a fixed number of batches, repeating shards where a rank runs short; under
     DDP it defaults to the split's size, so that every rank takes the same number of steps.
     """
@@ -67,9 +77,7 @@ def image_loader(
     if missing:
         raise DataError(f"{shards_dir}: {len(missing)} shard(s) of split {split!r} missing, e.g. {missing[0]}")
 
-    # RANK/WORLD_SIZE (torchrun) or an initialised process group, as split_by_node sees them.
-    rank, world_size, _, _ = wds.utils.pytorch_worker_info()
-    mine = counts[rank::world_size]  # the shards split_by_node leaves to this rank
+    mine = counts[rank::world_size]  # the shards _rank_share leaves to this rank
     if sum(mine) == 0:
         raise DataError(
             f"{shards_dir}: split {split!r} has {len(urls)} shard(s), too few for {world_size} ranks: "
@@ -88,7 +96,7 @@ def image_loader(
         urls,
         shardshuffle=len(urls) if shuffle else False,
         detshuffle=True,  # seeded with seed + epoch: reproducible, yet a new order every epoch
-        nodesplitter=wds.split_by_node,
+        nodesplitter=functools.partial(_rank_share, rank=rank, world_size=world_size),
         workersplitter=wds.split_by_worker,
         empty_check=False,  # a rank or worker may hold no shard of a small split
         seed=seed,

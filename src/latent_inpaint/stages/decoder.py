@@ -12,105 +12,84 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..config import DecoderConfig, MasksConfig, TrainConfig, VQGANConfig, WeightsConfig, to_dict
+from ..config import DecoderConfig, MasksConfig, TrainConfig, WeightsConfig, section, to_dict
 from ..data.ingest import shards_fingerprint
-from ..data.loader import image_loader
+from ..data.masked import MaskedImages
+from ..data.tokens import tokens_fingerprint
 from ..decoder import InpaintDecoder
-from ..losses import STAND_IN, NLayerDiscriminator, load_lpips, nonsaturating_d_loss, nonsaturating_g_loss, r1_penalty
-from ..masks import eval_mask, free_form_mask
+from ..evaluate.metrics import errors
+from ..losses import NLayerDiscriminator, load_lpips, nonsaturating_d_loss, nonsaturating_g_loss, r1_penalty
 from ..partial_conv import token_mask
-from ..pictures import grid
-from ..train import loop_settings, param_digest, unwrap
+from ..pictures import grid, to_uint8
+from ..saved import load_model
+from ..train import loop_settings, param_digest, run as train_stage
 from ..vqgan import VQModel
-from .tokens import load_tokens, tokens_fingerprint
-from .vqgan import endless, to_uint8
+from ..weights import is_stand_in
 
 EVAL_MASKS = "large"
-# The VQGAN fields that shape its decoder and codebook; the rest (lr, steps...) only trained it.
-ARCHITECTURE = ("base_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "z_channels", "n_embed",
-                "embed_dim")
 
 
-def hole_errors(x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image (L1, PSNR in dB) over the hole pixels of images in [-1, 1]; (B,), (B,). An image
-    without a hole scores L1 0 and the PSNR of an MSE floor of 1e-10 (100 dB)."""
-    hole = (mask < 0.5).to(x.dtype).expand_as(x)
-    count = hole.flatten(1).sum(1).clamp(min=1.0)
-    l1 = ((x - out).abs() * hole).flatten(1).sum(1) / count
-    mse = (((x - out) / 2).pow(2) * hole).flatten(1).sum(1) / count
-    return l1, 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+def run(params: dict, vqgan: Path, shards: Path, tokens: Path, run_dir: Path, *, device: str | None = None,
+        restart_on_change: bool = False) -> str:
+    """Train the decoder of the VQGAN of `vqgan` into `run_dir`; M̂ comes from encoder.alpha."""
+    cfg, masks, train_cfg, weights, enc = (
+        section(params, name) for name in ("decoder", "masks", "train", "weights", "encoder"))
+    model = load_model(vqgan, VQModel)
+    sections = {"decoder": to_dict(cfg), "masks": to_dict(masks), "weights": to_dict(weights), "encoder": to_dict(enc)}
+    return train_stage(lambda: DecoderStage(cfg, masks, train_cfg, weights, shards, tokens, model, alpha=enc.alpha),
+                       cfg.steps, params, sections, run_dir, device=device, restart_on_change=restart_on_change)
 
 
 class DecoderStage:
     name = "decoder"
 
-    def __init__(self, vq: VQGANConfig, cfg: DecoderConfig, masks: MasksConfig, train: TrainConfig,
-                 weights: WeightsConfig, shards_dir: Path, tokens_dir: Path, size: int, vqgan_model: VQModel,
-                 alpha: float):
-        """`vqgan_model`: the trained VQGAN (codebook lookup, and G's initial weights when
+    def __init__(self, cfg: DecoderConfig, masks: MasksConfig, train: TrainConfig, weights: WeightsConfig,
+                 shards_dir: Path, tokens_dir: Path, vqgan: VQModel, alpha: float):
+        """`vqgan`: the trained VQGAN (codebook lookup, and G's initial weights when
         cfg.init_from_vqgan); `alpha`: the restrictive encoder's threshold, which gives M̂."""
         if not 0.0 <= cfg.token_noise <= 1.0:
             raise ValueError(f"decoder.token_noise is a share of the tokens: 0 <= token_noise <= 1, "
                              f"got {cfg.token_noise}")
-        differ = [k for k in ARCHITECTURE if getattr(vqgan_model.cfg, k) != getattr(vq, k)]
-        if differ or vqgan_model.resolution != size:
-            raise ValueError(f"the VQGAN model does not match the vqgan config / size {size}: differing {differ}, "
-                             f"resolution {vqgan_model.resolution}")
-        self.vq, self.cfg, self.masks, self.train_cfg, self.alpha = vq, cfg, masks, train, alpha
-        self.shards_dir, self.tokens_dir, self.size = Path(shards_dir), Path(tokens_dir), size
-        self.factor = vqgan_model.factor
-        self.targets = {split: self._targets(split) for split in ("train", "val")}
+        self.cfg, self.masks, self.train_cfg, self.alpha = cfg, masks, train, alpha
+        self.shards_dir, self.tokens_dir = Path(shards_dir), Path(tokens_dir)
+        self.factor, self.n_embed = vqgan.factor, vqgan.cfg.n_embed
+        self.data = {split: MaskedImages(shards_dir, tokens_dir, split, vqgan.factor) for split in ("train", "val")}
 
-        decoder = InpaintDecoder(vq, size)
+        decoder = InpaintDecoder(vqgan.cfg, vqgan.resolution)
         if cfg.init_from_vqgan:
-            decoder.init_from_vqgan(vqgan_model)
-        self.modules = {"decoder": decoder, "disc": NLayerDiscriminator(n_layers=vq.disc_layers)}
+            decoder.init_from_vqgan(vqgan)
+        self.modules = {"decoder": decoder, "disc": NLayerDiscriminator(n_layers=vqgan.cfg.disc_layers)}
         # Used, never trained or saved: the loop keeps them frozen on the device.
-        self.frozen = {"vqgan": vqgan_model, "lpips": load_lpips(weights.vgg16)}
-        self.lpips_stand_in = weights.vgg16 == STAND_IN
-        self.vqgan_digest = param_digest({"vqgan": vqgan_model})[:16]
-
-    def _targets(self, split: str) -> dict[str, np.ndarray]:
-        tokens, keys = load_tokens(self.tokens_dir, split)
-        grid_side = self.size // self.factor
-        if tokens.shape[1:] != (grid_side, grid_side):
-            raise ValueError(f"{self.tokens_dir}/{split}.npy holds {tokens.shape[1:]} token maps, the decoder "
-                             f"needs {grid_side}x{grid_side} at {self.size} px: re-run the tokens rule")
-        return dict(zip(keys, tokens))
+        self.frozen = {"vqgan": vqgan, "lpips": load_lpips(weights.vgg16)}
+        self.lpips_stand_in = is_stand_in(weights.vgg16)
+        self.vqgan_digest = param_digest({"vqgan": vqgan})[:16]
 
     def config(self) -> dict:
-        return {"vqgan": to_dict(self.vq), "vqgan_weights": self.vqgan_digest, "decoder": to_dict(self.cfg),
-                "alpha": self.alpha, "resolution": self.size, "train_masks": to_dict(self.masks.train),
-                "lpips_stand_in": self.lpips_stand_in, "train": loop_settings(self.train_cfg),
-                "data": shards_fingerprint(self.shards_dir), "tokens": tokens_fingerprint(self.tokens_dir)}
+        return {"vqgan_weights": self.vqgan_digest, "decoder": to_dict(self.cfg), "alpha": self.alpha,
+                "train_masks": to_dict(self.masks.train), "lpips_stand_in": self.lpips_stand_in,
+                "train": loop_settings(self.train_cfg), "data": shards_fingerprint(self.shards_dir),
+                "tokens": tokens_fingerprint(self.tokens_dir)}
 
-    def optimizers(self, modules) -> dict[str, torch.optim.Optimizer]:
+    def optimizers(self, modules, world_size: int) -> dict[str, torch.optim.Optimizer]:
         return {
             "decoder": torch.optim.Adam(modules["decoder"].parameters(), lr=self.cfg.lr, betas=self.cfg.betas),
             "disc": torch.optim.Adam(modules["disc"].parameters(), lr=self.cfg.lr, betas=self.cfg.betas),
         }
 
-    def _batch(self, batch: dict, masks: list[np.ndarray], split: str,
-               rng: np.random.Generator | None = None) -> tuple[torch.Tensor, ...]:
-        """(x (B, 3, H, W), mask (B, 1, H, W), tokens (B, h, w) long, M̂ (B, 1, h, w)); with `rng`,
-        a token_noise share of the tokens is replaced by codes drawn uniformly."""
-        tokens = np.stack([self.targets[split][key] for key in batch["key"]]).astype(np.int64)
-        if rng is not None and self.cfg.token_noise > 0:
-            noisy = rng.random(tokens.shape) < self.cfg.token_noise
-            tokens = np.where(noisy, rng.integers(0, self.vq.n_embed, tokens.shape), tokens)
-        mask = torch.from_numpy(np.stack(masks)).float()[:, None]  # (B, 1, H, W), 1 = visible
-        return batch["image"], mask, torch.from_numpy(tokens), token_mask(mask, self.alpha, self.factor)
-
     def batches(self, rank: int, world_size: int, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        rng = np.random.default_rng([seed, rank])
-        loader = image_loader(self.shards_dir, "train", self.cfg.batch_size, workers=self.train_cfg.workers, seed=seed)
-        for batch in endless(loader):
-            masks = [free_form_mask(self.size, self.masks.train, rng) for _ in batch["key"]]
-            yield self._batch(batch, masks, "train", rng)
+        """(x (B, 3, H, W), mask (B, 1, H, W), tokens (B, h, w) long, M̂ (B, 1, h, w)), a
+        token_noise share of the tokens replaced by codes drawn uniformly."""
+        rng = np.random.default_rng([seed, rank, 1])  # the masks draw from [seed, rank]
+        for x, mask, tokens in self.data["train"].training(self.cfg.batch_size, self.masks.train, rank=rank,
+                                                           world_size=world_size, seed=seed,
+                                                           workers=self.train_cfg.workers):
+            noisy = torch.from_numpy(rng.random(tokens.shape) < self.cfg.token_noise)
+            codes = torch.from_numpy(rng.integers(0, self.n_embed, tokens.shape))
+            yield x, mask, torch.where(noisy, codes, tokens), token_mask(mask, self.alpha, self.factor)
 
     @staticmethod
     def _inpaint(modules, x, mask, tokens, m_hat) -> tuple[torch.Tensor, torch.Tensor]:
-        z_q = unwrap(modules["vqgan"]).quantize.lookup(tokens)  # (B, embed_dim, h, w)
+        z_q = modules["vqgan"].quantize.lookup(tokens)  # (B, embed_dim, h, w)
         return modules["decoder"](x, mask, z_q, m_hat)  # composite, X'
 
     def loss(self, phase: str, modules, batch, step: int, scratch: dict):
@@ -120,11 +99,10 @@ class DecoderStage:
             g_loss = nonsaturating_g_loss(modules["disc"](out))
             perceptual = modules["lpips"](x, out).mean()
             scratch["fake"] = out.detach()
-            l1, _ = hole_errors(x.detach(), out.detach(), mask)
+            hole_l1, _ = errors(x.detach(), out.detach(), mask)
             # out is the composite: this L1 is the hole error averaged over all pixels.
             loss = g_loss + self.cfg.perceptual_weight * perceptual + self.cfg.l1_weight * (x - out).abs().mean()
-            return loss, {
-                "g_loss": g_loss.detach(), "perceptual": perceptual.detach(), "hole_l1": l1.mean()}
+            return loss, {"g_loss": g_loss.detach(), "perceptual": perceptual.detach(), "hole_l1": hole_l1.mean()}
         reals = x.detach().requires_grad_(True)  # R1 differentiates D's output w.r.t. the reals
         logits = modules["disc"](torch.cat([reals, scratch["fake"]]))  # one forward: DDP sees one pass
         real, fake = logits.chunk(2)
@@ -142,23 +120,16 @@ class DecoderStage:
         return grid([*to_uint8(x), *to_uint8(masked), *to_uint8(out)], cols=x.shape[0])
 
     def evaluate(self, modules) -> dict[str, float]:
-        """Hole-region L1 and PSNR on val images under the fixed large evaluation masks, from
+        """Hole-region L1 and PSNR on val images under their fixed large evaluation masks, from
         their ground-truth tokens (no noise)."""
-        device = next(unwrap(modules["decoder"]).parameters()).device
-        loader = image_loader(self.shards_dir, "val", self.cfg.batch_size, workers=0, shuffle=False, drop_last=False)
-        l1s, psnrs, seen = [], [], 0
-        for batch in loader:
-            if seen >= self.train_cfg.eval_images:
-                break
-            n = min(len(batch["key"]), self.train_cfg.eval_images - seen)
-            batch = {"image": batch["image"][:n], "key": batch["key"][:n]}
-            masks = [eval_mask(EVAL_MASKS, self.size, self.masks, "val", seen + i) for i in range(n)]
-            x, mask, tokens, m_hat = (t.to(device) for t in self._batch(batch, masks, "val"))
-            out, _ = self._inpaint(modules, x, mask, tokens, m_hat)
-            l1, p = hole_errors(x.float(), out.float(), mask)
+        device = next(modules["decoder"].parameters()).device
+        l1s, psnrs = [], []
+        for batch in self.data["val"].evaluation(self.cfg.batch_size, EVAL_MASKS, self.masks, self.train_cfg.eval_images):
+            x, mask, tokens = (t.to(device) for t in batch)
+            out, _ = self._inpaint(modules, x, mask, tokens, token_mask(mask, self.alpha, self.factor))
+            l1, psnr = errors(x, out, mask)
             l1s.append(l1)
-            psnrs.append(p)
-            seen += n
+            psnrs.append(psnr)
         if not l1s:
             return {}
         return {"val_hole_l1": torch.cat(l1s).mean().item(), "val_hole_psnr": torch.cat(psnrs).mean().item()}

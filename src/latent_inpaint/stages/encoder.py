@@ -6,18 +6,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import EncoderConfig, MasksConfig, TrainConfig, VQGANConfig, to_dict
+from ..config import EncoderConfig, MasksConfig, TrainConfig, section, to_dict
 from ..data.ingest import shards_fingerprint
-from ..data.loader import image_loader
+from ..data.masked import MaskedBatch, MaskedImages
+from ..data.tokens import tokens_fingerprint
 from ..encoder import build_encoder
-from ..masks import eval_mask, free_form_mask
-from ..train import loop_settings
-from .tokens import load_tokens, tokens_fingerprint
-from .vqgan import endless
+from ..saved import load_model
+from ..train import loop_settings, run as train_stage
+from ..vqgan import VQModel
+
+EVAL_MASKS = "large"
+
+
+def run(params: dict, vqgan: Path, shards: Path, tokens: Path, run_dir: Path, *, kind: str = "restrictive",
+        device: str | None = None, restart_on_change: bool = False) -> str:
+    """Train the `kind` (restrictive | vanilla) encoder of the VQGAN of `vqgan` into `run_dir`."""
+    cfg, masks, train_cfg = (section(params, name) for name in ("encoder", "masks", "train"))
+    model = load_model(vqgan, VQModel)
+    return train_stage(lambda: EncoderStage(kind, model, cfg, masks, train_cfg, shards, tokens), cfg.steps, params,
+                       {"encoder": to_dict(cfg), "masks": to_dict(masks)}, run_dir, device=device,
+                       restart_on_change=restart_on_change)
 
 
 def partially_masked(mask: torch.Tensor, token_mask: torch.Tensor, factor: int) -> torch.Tensor:
@@ -46,40 +57,28 @@ def token_metrics(logits: torch.Tensor, target: torch.Tensor, token_mask: torch.
 
 
 class EncoderStage:
-    def __init__(self, kind: str, vq: VQGANConfig, cfg: EncoderConfig, masks: MasksConfig, train: TrainConfig,
-                 shards_dir: Path, tokens_dir: Path, size: int):
+    def __init__(self, kind: str, vqgan: VQModel, cfg: EncoderConfig, masks: MasksConfig, train: TrainConfig,
+                 shards_dir: Path, tokens_dir: Path):
+        """`vqgan`: the trained VQGAN, whose layout and codebook size the encoder takes."""
         self.name = "encoder" if kind == "restrictive" else f"encoder_{kind}"
-        self.kind, self.vq, self.cfg, self.masks, self.train_cfg = kind, vq, cfg, masks, train
-        self.shards_dir, self.tokens_dir, self.size = Path(shards_dir), Path(tokens_dir), size
-        self.factor = 2 ** (len(vq.channel_mult) - 1)
-        self.modules = {"encoder": build_encoder(kind, vq, cfg, size)}
-        self.targets = {split: self._targets(split) for split in ("train", "val")}
-
-    def _targets(self, split: str) -> dict[str, np.ndarray]:
-        tokens, keys = load_tokens(self.tokens_dir, split)
-        return dict(zip(keys, tokens))
+        self.cfg, self.masks, self.train_cfg = cfg, masks, train
+        self.factor, self.n_embed = vqgan.factor, vqgan.cfg.n_embed
+        self.shards_dir, self.tokens_dir = Path(shards_dir), Path(tokens_dir)
+        self.modules = {"encoder": build_encoder(kind, vqgan.cfg, cfg, vqgan.resolution)}
+        self.data = {split: MaskedImages(shards_dir, tokens_dir, split, vqgan.factor) for split in ("train", "val")}
 
     def config(self) -> dict:
-        return {"kind": self.kind, "vqgan": to_dict(self.vq), "encoder": to_dict(self.cfg), "resolution": self.size,
-                "train_masks": to_dict(self.masks.train), "train": loop_settings(self.train_cfg),
+        return {"train_masks": to_dict(self.masks.train), "train": loop_settings(self.train_cfg),
                 "data": shards_fingerprint(self.shards_dir), "tokens": tokens_fingerprint(self.tokens_dir)}
 
-    def optimizers(self, modules) -> dict[str, torch.optim.Optimizer]:
+    def optimizers(self, modules, world_size: int) -> dict[str, torch.optim.Optimizer]:
         return {"encoder": torch.optim.Adam(modules["encoder"].parameters(), lr=self.cfg.lr, betas=self.cfg.betas)}
 
-    def _batch(self, batch: dict, masks: list[np.ndarray], split: str) -> tuple[torch.Tensor, ...]:
-        target = np.stack([self.targets[split][key] for key in batch["key"]]).astype(np.int64)
-        mask = torch.from_numpy(np.stack(masks)).float()[:, None]  # (B, 1, H, W), 1 = visible
-        return batch["image"], mask, torch.from_numpy(target)
+    def batches(self, rank: int, world_size: int, seed: int) -> Iterator[MaskedBatch]:
+        return self.data["train"].training(self.cfg.batch_size, self.masks.train, rank=rank, world_size=world_size,
+                                           seed=seed, workers=self.train_cfg.workers)
 
-    def batches(self, rank: int, world_size: int, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        rng = np.random.default_rng([seed, rank])
-        loader = image_loader(self.shards_dir, "train", self.cfg.batch_size, workers=self.train_cfg.workers, seed=seed)
-        for batch in endless(loader):
-            masks = [free_form_mask(self.size, self.masks.train, rng) for _ in batch["key"]]
-            yield self._batch(batch, masks, "train")
-
-    def loss(self, phase: str, modules, batch, step: int, scratch: dict):
+    def loss(self, phase: str, modules, batch: MaskedBatch, step: int, scratch: dict):
         x, mask, target = batch
         logits, token_mask = modules["encoder"](x, mask)  # (B, K, h, w), (B, h, w)
         m = token_metrics(logits, target, token_mask, mask, self.factor)
@@ -89,27 +88,21 @@ class EncoderStage:
         return None
 
     def evaluate(self, modules) -> dict[str, float]:
-        """Token accuracy on val images under the fixed large evaluation masks."""
+        """Token accuracy on val images under their fixed large evaluation masks."""
         encoder = modules["encoder"]
         device = next(encoder.parameters()).device
-        loader = image_loader(self.shards_dir, "val", self.cfg.batch_size, workers=0, shuffle=False, drop_last=False)
-        totals: dict[str, list[torch.Tensor]] = {"right": [], "partial_right": [], "ce": []}
-        index = 0
-        for batch in loader:
-            masks = [eval_mask("large", self.size, self.masks, "val", index + i) for i in range(len(batch["key"]))]
-            index += len(masks)
-            x, mask, target = (t.to(device) for t in self._batch(batch, masks, "val"))
+        right, partial, ce = [], [], []
+        for batch in self.data["val"].evaluation(self.cfg.batch_size, EVAL_MASKS, self.masks, self.train_cfg.eval_images):
+            x, mask, target = (t.to(device) for t in batch)
             logits, token_mask = encoder(x, mask)
-            right = logits.argmax(1) == target
-            totals["right"].append(right[token_mask])
-            totals["partial_right"].append(right[partially_masked(mask, token_mask, self.factor)])
-            totals["ce"].append(F.cross_entropy(logits, target, reduction="none")[token_mask])
-            if index >= self.train_cfg.eval_images:
-                break
-        right, partial = torch.cat(totals["right"]).float(), torch.cat(totals["partial_right"]).float()
+            hit = logits.argmax(1) == target
+            right.append(hit[token_mask])
+            partial.append(hit[partially_masked(mask, token_mask, self.factor)])
+            ce.append(F.cross_entropy(logits.float(), target, reduction="none")[token_mask])
+        right, partial = torch.cat(right).float(), torch.cat(partial).float()
         return {
             "val_accuracy": right.mean().item() if right.numel() else float("nan"),
             "val_partial_accuracy": partial.mean().item() if partial.numel() else float("nan"),
-            "val_ce": torch.cat(totals["ce"]).mean().item() if right.numel() else float("nan"),
-            "chance_accuracy": 1.0 / self.vq.n_embed,
+            "val_ce": torch.cat(ce).mean().item() if right.numel() else float("nan"),
+            "chance_accuracy": 1.0 / self.n_embed,
         }

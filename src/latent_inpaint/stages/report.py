@@ -1,13 +1,17 @@
-"""results/report.md: the tables, pluralistic sample grids and training curves of one pipeline run."""
+"""results/report.md: the tables, pluralistic sample grids and training curves of one pipeline run;
+and the paper's Figure 3 (`latent-inpaint figure-alpha`)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from ..config import SampleConfig
+from ..config import SampleConfig, section
 from ..evaluate.report import table_markdown
 from ..files import atomic_write
+from ..inpaint import Inpainter, pick_device
+from ..masks import eval_mask, load_mask
+from ..pictures import token_mask_figure
 from .evaluate import ours, sample_grid, table_rows
 
 STAGES = ("vqgan", "encoder", "transformer", "decoder")
@@ -71,8 +75,6 @@ def ablation_table(paths: list[Path]) -> str:
 
 def write_report(results_dir: Path, runs_dir: Path, shards_dir: Path, masks_dir: Path, sample: SampleConfig,
                  device, ablations: list[str]) -> Path:
-    from ..pipeline import Inpainter
-
     results_dir.mkdir(parents=True, exist_ok=True)
     metrics = json.loads((results_dir / "metrics.json").read_text())
     rows, columns = table_rows(metrics)
@@ -95,3 +97,27 @@ def write_report(results_dir: Path, runs_dir: Path, shards_dir: Path, masks_dir:
     path = results_dir / "report.md"
     atomic_write(path, "\n".join(parts).encode())
     return path
+
+
+def run(params: dict, results: Path, runs: Path, shards: Path, masks: Path, *, ablations: list[str] = (),
+        device: str | None = None) -> str:
+    """Write results/report.md from the evaluation's metrics (and `ablations`' JSON files), the
+    trained runs, the test shards and the evaluation masks; return a summary."""
+    path = write_report(Path(results), Path(runs), Path(shards), Path(masks), section(params, "sample"),
+                        pick_device(device), ablations=list(ablations))
+    return f"report written to {path}"
+
+
+def alpha_figure(params: dict, out: Path, *, mask_file: str | None = None, white_is_visible: bool = False,
+                 kind: str = "large", index: int = 0, size: int | None = None, factor: int | None = None,
+                 alphas: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)) -> str:
+    """The paper's Figure 3 for a mask file or fixed evaluation mask `index` of `kind` (val split);
+    `factor` (image side / token grid side) defaults to the VQGAN's; return a summary."""
+    if mask_file:
+        mask = load_mask(mask_file, hole_is_white=not white_is_visible)
+    else:
+        mask = eval_mask(kind, size or section(params, "data").size, section(params, "masks"), "val", index)
+    factor = factor or section(params, "vqgan").factor
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    token_mask_figure(mask, alphas=tuple(alphas), factor=factor).save(out)
+    return f"wrote {out}"

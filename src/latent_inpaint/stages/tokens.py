@@ -1,4 +1,5 @@
-"""Ground-truth tokens: E_VQ(X) of every image, per split, aligned with the shard keys.
+"""Ground-truth tokens: E_VQ(X) of every image, per split, aligned with the shard keys
+(the files are `data.tokens`'s).
 
 The transformer trains from these arrays alone, and the encoder and decoder read their targets
 from them, so the VQGAN runs over the data once.
@@ -6,7 +7,6 @@ from them, so the VQGAN runs over the data once.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
@@ -16,8 +16,26 @@ import torch
 
 from ..data.ingest import SPLITS, read_manifest, split_keys
 from ..data.loader import image_loader
-from ..files import atomic_write, sha256_file
+from ..data.tokens import MAX_CODES, write_tokens
+from ..files import atomic_write
+from ..saved import load_model
+from ..tracking import stage_run, tracking_config
 from ..vqgan import VQModel
+
+
+def run(params: dict, vqgan: Path, shards: Path, out: Path, *, batch_size: int = 32, device: str | None = None) -> str:
+    """Tokenize every split of the shards with the VQGAN of `vqgan` (a run or final/ folder)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(vqgan, VQModel, device=device)
+    with stage_run("tokens", tracking_config(params), {}) as tracker:
+        metrics = tokenize(model, Path(shards), Path(out), batch_size, device)
+        usage = metrics["codebook"]
+        tracker.log_metrics({"perplexity": usage["perplexity"], "codes_used": usage["codes_used"],
+                             "dead_codes": usage["dead_codes"],
+                             **{f"{s}_images_per_s": m["images_per_s"] for s, m in metrics["splits"].items()}})
+        tracker.log_dict(metrics, "metrics")
+    return (f"tokens of {sum(m['images'] for m in metrics['splits'].values())} images written to {out}; "
+            f"codebook: {usage['codes_used']} of {usage['n_embed']} codes used, perplexity {usage['perplexity']:.1f}")
 
 
 def codebook_usage(tokens: np.ndarray, n_embed: int) -> dict:
@@ -54,8 +72,8 @@ def tokenize_split(model: VQModel, shards_dir: Path, split: str, batch_size: int
 def tokenize(model: VQModel, shards_dir: Path, out_dir: Path, batch_size: int, device: torch.device) -> dict:
     """Write `<split>.npy` (N, h, w) uint16 and `<split>.keys.json` for every split, and
     `metrics.json` (codebook usage on the train split, images/s); return the metrics."""
-    if model.quantize.embedding.num_embeddings > 65536:
-        raise ValueError("tokens are stored as uint16: a codebook above 65536 entries does not fit")
+    if model.quantize.embedding.num_embeddings > MAX_CODES:
+        raise ValueError(f"tokens are stored as uint16: a codebook above {MAX_CODES} entries does not fit")
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.to(device).eval()
     metrics: dict = {"splits": {}}
@@ -63,32 +81,10 @@ def tokenize(model: VQModel, shards_dir: Path, out_dir: Path, batch_size: int, d
         start = time.perf_counter()
         tokens = tokenize_split(model, shards_dir, split, batch_size, device)
         seconds = time.perf_counter() - start
-        buf = _npy_bytes(tokens)
-        atomic_write(out_dir / f"{split}.npy", buf)
-        atomic_write(out_dir / f"{split}.keys.json", json.dumps(split_keys(shards_dir, split)).encode())
+        write_tokens(out_dir, split, tokens, split_keys(shards_dir, split))
         metrics["splits"][split] = {"images": len(tokens), "images_per_s": len(tokens) / max(seconds, 1e-9)}
     train = np.load(out_dir / "train.npy")
     metrics["codebook"] = codebook_usage(train, model.quantize.embedding.num_embeddings)
     metrics["grid"] = list(train.shape[1:])
     atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=1).encode())
     return metrics
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
-
-
-def tokens_fingerprint(tokens_dir: Path) -> str:
-    """A digest of the train and val token arrays: a stage trained on other tokens is another run."""
-    return "-".join(sha256_file(Path(tokens_dir) / f"{split}.npy")[:16] for split in ("train", "val"))
-
-
-def load_tokens(tokens_dir: Path, split: str) -> tuple[np.ndarray, list[str]]:
-    """(N, h, w) uint16 tokens of a split (memory-mapped) and the shard keys of its rows."""
-    path = Path(tokens_dir) / f"{split}.npy"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run `latent-inpaint tokenize` (the tokens rule) first")
-    keys = json.loads((Path(tokens_dir) / f"{split}.keys.json").read_text())
-    return np.load(path, mmap_mode="r"), keys

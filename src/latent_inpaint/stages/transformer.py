@@ -13,12 +13,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import TrainConfig, TransformerConfig, to_dict
-from ..train import loop_settings
+from ..config import TrainConfig, TransformerConfig, section, to_dict
+from ..data.tokens import load_tokens, tokens_fingerprint
+from ..saved import load_model
+from ..train import loop_settings, run as train_stage
 from ..transformer import BidirectionalTransformer
-from .tokens import load_tokens, tokens_fingerprint
+from ..vqgan import VQModel
 
 EVAL_MASK_RATIO = 0.5  # validation masks half of each map, with a fixed seed
+
+
+def run(params: dict, vqgan: Path, tokens: Path, run_dir: Path, *, device: str | None = None,
+        restart_on_change: bool = False) -> str:
+    """Train the transformer on the token maps of `tokens`, over the codebook of the VQGAN of `vqgan`."""
+    cfg, train_cfg = section(params, "transformer"), section(params, "train")
+    model = load_model(vqgan, VQModel)
+    return train_stage(lambda: TransformerStage(cfg, train_cfg, model, tokens), cfg.steps, params,
+                       {"transformer": to_dict(cfg)}, run_dir, device=device, restart_on_change=restart_on_change)
 
 
 def random_visible(shape: tuple[int, int], ratio_range: tuple[float, float], rng: torch.Generator) -> torch.Tensor:
@@ -35,17 +46,17 @@ def random_visible(shape: tuple[int, int], ratio_range: tuple[float, float], rng
 class TransformerStage:
     name = "transformer"
 
-    def __init__(self, cfg: TransformerConfig, train: TrainConfig, codebook: torch.Tensor, tokens_dir: Path):
+    def __init__(self, cfg: TransformerConfig, train: TrainConfig, vqgan: VQModel, tokens_dir: Path):
+        """`vqgan`: the trained VQGAN, whose codebook the transformer embeds visible tokens with."""
         self.cfg, self.train_cfg, self.tokens_dir = cfg, train, Path(tokens_dir)
         self.train_tokens, _ = load_tokens(tokens_dir, "train")
-        self.grid = self.train_tokens.shape[1]
-        self.modules = {"transformer": BidirectionalTransformer(cfg, codebook, self.grid)}
+        codebook = vqgan.quantize.embedding.weight.detach().cpu()
+        self.modules = {"transformer": BidirectionalTransformer(cfg, codebook, self.train_tokens.shape[1])}
 
     def config(self) -> dict:
-        return {"transformer": to_dict(self.cfg), "n_embed": self.modules["transformer"].n_embed, "grid": self.grid,
-                "train": loop_settings(self.train_cfg), "tokens": tokens_fingerprint(self.tokens_dir)}
+        return {"train": loop_settings(self.train_cfg), "tokens": tokens_fingerprint(self.tokens_dir)}
 
-    def optimizers(self, modules) -> dict[str, torch.optim.Optimizer]:
+    def optimizers(self, modules, world_size: int) -> dict[str, torch.optim.Optimizer]:
         groups = modules["transformer"].param_groups(self.cfg.weight_decay)
         return {"transformer": torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.betas)}
 

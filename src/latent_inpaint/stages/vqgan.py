@@ -1,51 +1,46 @@
-"""Stage 0 training: the VQGAN on full images (L1 + LPIPS + hinge PatchGAN, taming's recipe)."""
+"""Stage 0: the VQGAN on full images (L1 + LPIPS + hinge PatchGAN, taming's recipe), or a
+taming-transformers VQGAN imported in its place."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 
-from ..config import TrainConfig, VQGANConfig, WeightsConfig, build, to_dict
-from ..data.ingest import shards_fingerprint
+from ..config import TrainConfig, VQGANConfig, WeightsConfig, section, to_dict
+from ..data.ingest import read_manifest, shards_fingerprint
 from ..data.loader import image_loader
-from ..losses import NLayerDiscriminator, adaptive_weight, hinge_d_loss, load_lpips, psnr
-from ..pictures import grid
-from ..train import load_stage_weights, loop_settings, scaled_lr, unwrap
+from ..evaluate.metrics import errors
+from ..losses import NLayerDiscriminator, adaptive_weight, hinge_d_loss, load_lpips
+from ..pictures import grid, to_uint8
+from ..saved import export_final
+from ..train import loop_settings, scaled_lr, run as train_stage
+from ..taming import import_taming_checkpoint
 from ..vqgan import VQModel
+from ..weights import is_stand_in
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+def run(params: dict, shards: Path, run_dir: Path, *, device: str | None = None, restart_on_change: bool = False,
+        trust_pickle: bool = False) -> str:
+    """Train the VQGAN on the shards' train split into `run_dir` (or import vqgan.pretrained)."""
+    cfg, train_cfg, weights = (section(params, name) for name in ("vqgan", "train", "weights"))
+    size = read_manifest(Path(shards))["params"]["size"]
+    if cfg.pretrained:
+        return import_vqgan(cfg.pretrained, params, run_dir, size=size, trust_pickle=trust_pickle)
+    return train_stage(lambda: VQGANStage(cfg, train_cfg, weights, shards, size), cfg.steps, params,
+                       {"vqgan": to_dict(cfg), "weights": to_dict(weights)}, run_dir, device=device,
+                       restart_on_change=restart_on_change)
 
 
-def _saved(final_dir: Path) -> tuple[VQGANConfig, int]:
-    path = Path(final_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: train the VQGAN first (`latent-inpaint train-vqgan`)")
-    saved = json.loads(path.read_text())["config"]
-    return build(VQGANConfig, saved["vqgan"], f"{path}: vqgan"), saved["resolution"]
-
-
-def saved_vqgan_config(final_dir: Path) -> VQGANConfig:
-    """The configuration the VQGAN of a final/ folder was built with (later stages mirror it)."""
-    return _saved(final_dir)[0]
-
-
-def load_trained_vqgan(final_dir: Path, device: torch.device) -> VQModel:
-    """The VQGAN of a stage's final/ folder (trained or imported), built from the config saved with it."""
-    model = VQModel(*_saved(final_dir))
-    load_stage_weights(final_dir, {"vqgan": model}, device=device)
-    return model.to(device).eval()
-
-
-def endless(loader) -> Iterator:
-    while True:
-        yield from loader
+def import_vqgan(checkpoint: str | Path, params: dict, run_dir: Path, *, size: int | None = None,
+                 trust_pickle: bool = False) -> str:
+    """A taming-transformers VQGAN checkpoint, loaded strictly into the architecture of the vqgan
+    section, as this stage's final/ (`size`: the image side it serves, default data.size)."""
+    size = size or section(params, "data").size
+    model = import_taming_checkpoint(checkpoint, section(params, "vqgan"), size, trust_pickle=trust_pickle)
+    final = export_final(run_dir, "vqgan", {"vqgan": model}, source=str(checkpoint))
+    return f"imported {checkpoint} into {final}: tokenize with `latent-inpaint tokenize --vqgan {final}`"
 
 
 class VQGANStage:
@@ -56,25 +51,32 @@ class VQGANStage:
         self.modules = {"vqgan": VQModel(cfg, size), "disc": NLayerDiscriminator(n_layers=cfg.disc_layers)}
         # LPIPS measures, it is not trained or saved: the loop keeps it frozen on the device.
         self.frozen = {"lpips": load_lpips(weights.vgg16)}
-        self.lpips_stand_in = weights.vgg16 == "stand-in"
-        self._codebook_ready = False
+        self.lpips_stand_in = is_stand_in(weights.vgg16)
 
     def config(self) -> dict:
-        return {"vqgan": to_dict(self.cfg), "resolution": self.size, "train": loop_settings(self.train_cfg),
-                "data": shards_fingerprint(self.shards_dir)}
+        return {"train": loop_settings(self.train_cfg), "data": shards_fingerprint(self.shards_dir)}
 
-    def optimizers(self, modules) -> dict[str, torch.optim.Optimizer]:
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        lr = scaled_lr(self.cfg.base_lr, self.cfg.batch_size, world, self.train_cfg.grad_accum)
+    def optimizers(self, modules, world_size: int) -> dict[str, torch.optim.Optimizer]:
+        lr = scaled_lr(self.cfg.base_lr, self.cfg.batch_size, world_size, self.train_cfg.grad_accum)
         return {
             "vqgan": torch.optim.Adam(modules["vqgan"].parameters(), lr=lr, betas=(0.5, 0.9)),
             "disc": torch.optim.Adam(modules["disc"].parameters(), lr=lr, betas=(0.5, 0.9)),
         }
 
     def batches(self, rank: int, world_size: int, seed: int) -> Iterator[torch.Tensor]:
-        loader = image_loader(self.shards_dir, "train", self.cfg.batch_size, workers=self.train_cfg.workers, seed=seed)
-        for batch in endless(loader):
-            yield batch["image"]
+        loader = image_loader(self.shards_dir, "train", self.cfg.batch_size, rank=rank, world_size=world_size,
+                              seed=seed, workers=self.train_cfg.workers)
+        while True:
+            for batch in loader:
+                yield batch["image"]
+
+    def initialize(self, modules, x: torch.Tensor) -> None:
+        """codebook_init=data: the codes are K encoder outputs of the first batch (rank 0's, which
+        DDP copies to every rank); a resumed run keeps its trained codes."""
+        if self.cfg.codebook_init == "data":
+            model = modules["vqgan"]
+            model.quantize.init_from_data(model.quant_conv(model.encoder(x)),
+                                          torch.Generator().manual_seed(self.train_cfg.seed))
 
     def _rec(self, modules, x: torch.Tensor, xrec: torch.Tensor) -> torch.Tensor:
         rec = (x - xrec).abs().mean(dim=(1, 2, 3))  # (B,)
@@ -82,19 +84,8 @@ class VQGANStage:
             rec = rec + self.cfg.perceptual_weight * modules["lpips"](x, xrec).flatten()
         return rec.mean()
 
-    def _init_codebook(self, model: VQModel, x: torch.Tensor) -> None:
-        """codebook_init=data: codes from the first batch's encoder outputs, the same on every rank."""
-        with torch.no_grad():
-            model.quantize.init_from_data(model.quant_conv(model.encoder(x)),
-                                          torch.Generator().manual_seed(self.train_cfg.seed))
-        if torch.distributed.is_initialized():  # DDP syncs gradients, not weights: rank 0's codes win
-            torch.distributed.broadcast(model.quantize.embedding.weight.data, src=0)
-
     def loss(self, phase: str, modules, x: torch.Tensor, step: int, scratch: dict):
         gan_on = step >= self.cfg.disc_start
-        if phase == "vqgan" and step == 0 and self.cfg.codebook_init == "data" and not self._codebook_ready:
-            self._init_codebook(unwrap(modules["vqgan"]), x)
-        self._codebook_ready = True  # a resumed run (step > 0) keeps its trained codes
         if phase == "vqgan":
             xrec, qloss, _ = modules["vqgan"](x)
             nll = self._rec(modules, x, xrec)
@@ -103,7 +94,7 @@ class VQGANStage:
             logs = {"rec_loss": nll.detach(), "codebook_loss": qloss.detach(), "l1": (x - xrec).abs().mean().detach()}
             if gan_on:
                 g_loss = -modules["disc"](xrec).mean()
-                weight = adaptive_weight(nll, g_loss, unwrap(modules["vqgan"]).last_layer(), self.cfg.disc_weight)
+                weight = adaptive_weight(nll, g_loss, modules["vqgan"].last_layer(), self.cfg.disc_weight)
                 loss = loss + weight * g_loss
                 logs |= {"g_loss": g_loss.detach(), "d_weight": weight}
             scratch["fake"] = xrec.detach()
@@ -116,21 +107,21 @@ class VQGANStage:
         return d_loss, {"d_loss": d_loss.detach(), "logits_real": real.mean().detach(), "logits_fake": fake.mean().detach()}
 
     def pictures(self, modules, x: torch.Tensor):
-        xrec, _, _ = unwrap(modules["vqgan"])(x[:8])
+        xrec, _, _ = modules["vqgan"](x[:8])
         return grid([*to_uint8(x[:8]), *to_uint8(xrec)], cols=min(8, x.shape[0]))  # originals over reconstructions
 
     def evaluate(self, modules) -> dict[str, float]:
-        """Reconstruction PSNR and LPIPS on the val split (LPIPS labelled when it is a stand-in)."""
-        model = unwrap(modules["vqgan"])
+        """Reconstruction PSNR, L1 and LPIPS on the val split (LPIPS labelled when a stand-in)."""
+        model = modules["vqgan"]
         device = next(model.parameters()).device
-        loader = image_loader(self.shards_dir, "val", self.cfg.batch_size, workers=0, shuffle=False,
-                              drop_last=False)
+        loader = image_loader(self.shards_dir, "val", self.cfg.batch_size, workers=0, shuffle=False, drop_last=False)
         psnrs, l1s, lpips_values, tokens, seen = [], [], [], [], 0
         for batch in loader:
             x = batch["image"].to(device)[: self.train_cfg.eval_images - seen]
             xrec, _, idx = model(x)
-            psnrs.append(psnr(x, xrec))
-            l1s.append((x - xrec).abs().flatten(1).mean(1))
+            l1, psnr = errors(x, xrec)
+            l1s.append(l1)
+            psnrs.append(psnr)
             lpips_values.append(modules["lpips"](x, xrec).flatten())
             tokens.append(idx.flatten())
             seen += x.shape[0]
@@ -141,4 +132,3 @@ class VQGANStage:
         metrics[key] = torch.cat(lpips_values).mean().item()
         metrics["val_codes_used"] = float(torch.cat(tokens).unique().numel())
         return metrics
-

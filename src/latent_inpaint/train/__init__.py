@@ -1,34 +1,21 @@
 """One training loop shared by every stage: a stage supplies modules, batches and losses.
 
-See `loop.py` for the step, the checkpoint layout and the rename protocol that makes
-checkpoints atomic.
+`loop.py` is the loop; `checkpoint.py` the run folder (checkpoints, resume, final/);
+`distributed.py` ranks, DDP, seeds and stop signals. Saved models are `latent_inpaint.saved`'s.
 """
 
-from .distributed import unwrap, world_size
-from .loop import (
-    CheckpointMismatch,
-    Stage,
-    TrainingInterrupted,
-    export_final,
-    load_stage_weights,
-    loop_settings,
-    param_digest,
-    scaled_lr,
-    seed_everything,
-    train,
-)
+from ..saved import CheckpointMismatch
+from .distributed import param_digest, seed_everything
+from .loop import Stage, TrainingInterrupted, loop_settings, run, scaled_lr, train
 
 __all__ = [
     "CheckpointMismatch",
     "Stage",
     "TrainingInterrupted",
-    "export_final",
-    "load_stage_weights",
     "loop_settings",
     "param_digest",
+    "run",
     "scaled_lr",
     "seed_everything",
     "train",
-    "unwrap",
-    "world_size",
 ]

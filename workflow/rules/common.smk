@@ -1,0 +1,70 @@
+# What every rule shares (validated params, paths, params sections, code digests, resources);
+# functions live here and rules in the other files, as snakemake --lint asks.
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
+
+from dag import STAGES, ablation_files, code_digest, dvc_yaml, inputs  # noqa: E402
+from latent_inpaint.config import ConfigError, validate  # noqa: E402
+from latent_inpaint.layout import LOGS  # noqa: E402
+from latent_inpaint.tracking import TRACKING_ENV, ensure_invocation  # noqa: E402
+
+try:
+    # An unknown or misspelt key stops the workflow here, named; values become typed, so that
+    # "--config data='{size: 64}'" and params.yaml's 64 count as the same parameter.
+    config.update(validate(config))
+except ConfigError as exc:
+    sys.exit(f"latent-inpaint: parameter error: {exc}")
+
+PROJECT = Path(workflow.basedir)
+# The project's one software environment, for `--sdm conda`; otherwise the active one (.venv).
+ENV = "../envs/latent-inpaint.yaml"
+TRAIN = config["train"]
+PROCESSES = config["resources"]["processes"]  # training processes per job, started by torchrun inside it
+TRAIN_THREADS = PROCESSES * (TRAIN["workers"] + 1)
+
+# One MLflow parent run per invocation: every job, local or submitted with sbatch, inherits this
+# id. Tracking settings travel in the environment too: they must not rerun stages. Both are set
+# here for the jobs, not read from the user's environment, so no `envvars:` assertion applies.
+ensure_invocation()
+os.environ.update({TRACKING_ENV: json.dumps(config["tracking"])})
+
+if (PROJECT / "dvc.yaml").is_file() and (PROJECT / "dvc.yaml").read_text() != dvc_yaml(config, PROJECT):
+    print("latent-inpaint: dvc.yaml does not match workflow/dag.py and these params; DVC users: "
+          "python workflow/dag.py > dvc.yaml", file=sys.stderr)
+
+
+def folder(path, up=1):
+    """The folder `up` levels above a file: data/shards/manifest.json -> data/shards."""
+    return str(Path(path).parents[up - 1])
+
+
+def sections(rule):
+    """The params.yaml sections (or section.key) that `rule` reads, as JSON; passed to its
+    command, and a rerun trigger."""
+    picked = {}
+    for name in STAGES[rule].params:
+        section, _, key = name.partition(".")
+        picked[section] = {**picked.get(section, {}), key: config[section][key]} if key else config[section]
+    return json.dumps(picked, sort_keys=True)
+
+
+def code(rule):
+    """A digest of the code that `rule` runs (see workflow/dag.py); a rerun trigger."""
+    return code_digest(rule, PROJECT)
+
+
+def job_resources(rule, gpus=1):
+    """mem_mb and runtime of the job kind of `rule`, and its GPUs when resources.gpu is on."""
+    kind = STAGES[rule].resources
+    gpu = config["resources"]["gpu"] and kind != "light"
+    return {**config["resources"][kind], "gpu": gpus if gpu else 0}
+
+
+def training(rule):
+    """Resources of a training job; `processes` GPUs (or gloo CPU processes) under torchrun."""
+    return {**job_resources(rule, gpus=PROCESSES), "processes": PROCESSES}
