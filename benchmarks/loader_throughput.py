@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from latent_inpaint.config import load_params, section
+from latent_inpaint.config import section
+from latent_inpaint.params import load_params
 from latent_inpaint.data.images import IMAGE_EXTENSIONS
 from latent_inpaint.data.ingest import DataError, prepare, shard_paths
 from latent_inpaint.data.loader import image_loader, image_tensor

@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from latent_inpaint.config import load_params, section
+from latent_inpaint.config import section
+from latent_inpaint.params import load_params
 from latent_inpaint.data.images import IMAGE_EXTENSIONS, SkipImage, encode, prepare_image
 from latent_inpaint.data.ingest import prepare
 

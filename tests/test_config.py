@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, params
-from latent_inpaint.config import (
-    PACKAGED_PARAMS, SECTIONS, ConfigError, build, default_params_file, load_params, section, validate,
-)
+from latent_inpaint.config import SECTIONS, ConfigError, build, section, validate
+from latent_inpaint.params import PACKAGED_PARAMS, default_params_file, load_params
 
 
 def test_defaults_and_paper_overlay_build_every_section():
@@ -25,6 +24,23 @@ def test_defaults_and_paper_overlay_build_every_section():
     res = section(paper, "resources")
     assert res.gpu and res.processes == 3 and res.train.runtime == 2880  # the paper's 3 V100s
     assert not section(params(), "resources").gpu  # the tiny default runs on CPUs
+
+
+def test_paper_overlay_learning_rates_follow_the_authors_rule():
+    """lr = GPUs x batch x 4.5e-6 for every stage (the authors' train.py and configs)."""
+    paper = load_params([REPO / "params.yaml", REPO / "workflow/configs/paper.yaml"])
+    gpus, base = section(paper, "resources").processes, section(paper, "vqgan").base_lr
+    assert base == 4.5e-6
+    for name in ("encoder", "transformer", "decoder"):
+        cfg = section(paper, name)
+        assert cfg.lr == pytest.approx(gpus * cfg.batch_size * base, rel=1e-12), name
+    assert [section(paper, n).lr for n in ("encoder", "transformer", "decoder")] == pytest.approx(
+        [2.16e-4, 1.62e-4, 8.1e-5])
+
+
+def test_paper_overlay_scores_ablations_on_the_table_2_subset():
+    paper = load_params([REPO / "params.yaml", REPO / "workflow/configs/paper.yaml"])
+    assert section(paper, "evaluate").ablation_images == 3000
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import data_config, params
+from conftest import REPO, data_config, params
 from latent_inpaint.config import section
+from latent_inpaint.params import load_params
 from latent_inpaint.data.default import build_default_dataset
 from latent_inpaint.data.ingest import prepare
 from latent_inpaint.decoder import InpaintDecoder, PartialEncoder, VanillaDecoder, couple
@@ -22,7 +23,7 @@ from latent_inpaint.saved import load_model
 from latent_inpaint.stages.decoder import DecoderStage
 from latent_inpaint.stages.tokens import tokenize
 from latent_inpaint.train import param_digest, train
-from latent_inpaint.vqgan import VQModel
+from latent_inpaint.vqgan import IMAGE_CHANNELS, Encoder, Layout, VQModel
 
 SIZE = 32  # f8: 4x4 tokens
 TINY = [f"data.size={SIZE}", "data.shard_size=8", "data.workers=1", "train.workers=0", "train.eval_images=16",
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 @pytest.fixture(scope="module")
 def vq():
     return section(params(*TINY), "vqgan")
+
+
+ATTN = section(params(*TINY), "encoder").attn_resolutions  # E_prt's, as the restrictive encoder's
 
 
 def vqgan(vq, seed=0) -> VQModel:
@@ -75,10 +79,29 @@ def test_couple_is_eq_7_8_on_a_hand_made_input():
         couple(z, e, torch.ones(1, 1, 3, 3))
 
 
+@pytest.mark.parametrize("paper", [False, True])
+def test_e_prt_has_the_full_vqgan_encoder_layout_with_the_papers_attention(vq, paper):
+    """Layer for layer and name for name the VQGAN encoder on [X⊙M, M] (num_res_blocks blocks a
+    level, the middle block with attention), attention at the given resolutions: 32 and 16 in
+    the paper's configuration."""
+    size, attn = SIZE, ATTN
+    if paper:
+        p = load_params([REPO / "params.yaml", REPO / "workflow" / "configs" / "paper.yaml"])
+        vq, size, attn = section(p, "vqgan"), 256, section(p, "encoder").attn_resolutions
+        assert attn == (32, 16)
+    with torch.device("meta"):
+        e_prt = PartialEncoder(vq, size, attn)
+        plain = Encoder(IMAGE_CHANNELS + 1, Layout.of(vq, size, attn))
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(e_prt) == shapes(plain)
+    assert [lv.resolution for lv in e_prt.levels if lv.attn] == list(attn)
+    assert len(e_prt.down[0].block) == vq.num_res_blocks and hasattr(e_prt.mid, "attn_1")
+
+
 def test_partial_encoder_reaches_the_token_grid_and_fills_the_hole(vq):
     x, mask, _, m_hat = inputs(vq)
     torch.manual_seed(0)
-    e, m = PartialEncoder(vq, SIZE)(x, mask)
+    e, m = PartialEncoder(vq, SIZE, ATTN)(x, mask)
     assert e.shape == (2, vq.z_channels, SIZE // 8, SIZE // 8) and m.shape == (2, 1, SIZE // 8, SIZE // 8)
     assert (m >= m_hat).all() and m.sum() > m_hat.sum()  # standard partial convs grow the mask
     assert torch.equal(e * (1 - m), torch.zeros_like(e))
@@ -91,7 +114,7 @@ def test_partial_encoder_reaches_the_token_grid_and_fills_the_hole(vq):
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_visible_pixels_are_kept_bit_for_bit_and_the_hole_content_does_not_matter(vq, kind, mode):
     torch.manual_seed(2)
-    model = InpaintDecoder(vq, SIZE) if kind == "inpaint" else VanillaDecoder(vqgan(vq))
+    model = InpaintDecoder(vq, SIZE, ATTN) if kind == "inpaint" else VanillaDecoder(vqgan(vq))
     model.train(mode == "train")
     x, mask, z_q, m_hat = inputs(vq)
     out, raw = model(x, mask, z_q, m_hat)
@@ -108,7 +131,7 @@ def test_visible_pixels_are_kept_bit_for_bit_and_the_hole_content_does_not_matte
 def test_init_from_vqgan_copies_decoder_and_post_quant_conv(vq):
     model = vqgan(vq, seed=4)
     torch.manual_seed(5)
-    decoder = InpaintDecoder(vq, SIZE)
+    decoder = InpaintDecoder(vq, SIZE, ATTN)
     before = decoder.decoder.conv_out.weight.clone()
     assert not torch.equal(before, model.decoder.conv_out.weight)
     decoder.init_from_vqgan(model)
@@ -144,7 +167,8 @@ def data(tmp_path_factory, vq):
 def stage(root, vq, *overrides):
     p = params(*TINY, *overrides)
     return DecoderStage(section(p, "decoder"), section(p, "masks"), section(p, "train"), section(p, "weights"),
-                        root / "shards", root / "tokens", vqgan(vq), alpha=section(p, "encoder").alpha), p
+                        root / "shards", root / "tokens", vqgan(vq), alpha=section(p, "encoder").alpha,
+                        attn_resolutions=section(p, "encoder").attn_resolutions), p
 
 
 @pytest.fixture(scope="module")

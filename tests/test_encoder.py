@@ -1,3 +1,4 @@
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -5,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from latent_inpaint.config import load_params, section
+from latent_inpaint.config import section
+from latent_inpaint.params import load_params
 from latent_inpaint.encoder import (
     MIRACLE_LOGIT,
     MaskedGroupNorm,
@@ -94,14 +96,16 @@ def test_hole_pixels_do_not_reach_visible_logits(tiny, cls, mode):
         assert visible_diff(logits, logits2, m_hat) < 1e-5
 
 
+@pytest.mark.parametrize("rule", ["window", "centre", "window_with_skip"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_restrictive_encoder_never_looks_into_the_dark_and_vanilla_does(tiny, mode):
+def test_restrictive_encoder_never_looks_into_the_dark_and_vanilla_does(tiny, mode, rule):
     """Random content in the hole of every layer's input (pixels and features alike): the
-    restrictive encoder's visible-token logits stay the same, the vanilla encoder's do not."""
+    restrictive encoder's visible-token logits stay the same under every stride-1 rule, the
+    vanilla encoder's do not."""
     x, m = images(), masks()
     diffs = {}
     for cls in (RestrictiveEncoder, VanillaEncoder):
-        model = encoder(cls, tiny).train(mode == "train")
+        model = encoder(cls, (tiny[0], dataclasses.replace(tiny[1], stride1_rule=rule))).train(mode == "train")
         logits, m_hat = model(x, m)
         handles = perturb_the_dark(model, m, tiny[1].alpha, seed=3)
         try:
@@ -224,3 +228,55 @@ def test_token_mask_figure_marks_partly_masked_visible_tokens_red():
     assert (pixels == FIGURE_BACKGROUND).all(axis=-1).any()
     full = np.asarray(token_mask_figure(np.ones((32, 32)), alphas=(0.25,), factor=4))
     assert not (full == TOKEN_RED).all(axis=-1).any()
+
+
+# ---------------------------------------------------------------------------------- stride-1 rule
+
+
+def lone_token_mask() -> torch.Tensor:
+    """(1, 1, 64, 64): one visible 8x8 token block (token (3, 3)) amid holes."""
+    m = torch.zeros(1, 1, SIZE, SIZE)
+    m[..., 24:32, 24:32] = 1
+    return m
+
+
+def lone_token_logits(model, x):
+    logits, m_hat = model(x, lone_token_mask())
+    assert m_hat[0, 3, 3] and int(m_hat.sum()) == 1
+    return logits[0, :, 3, 3]
+
+
+@pytest.mark.parametrize("rule", ["default", "window", "centre", "window_with_skip"])
+def test_a_visible_token_amid_holes_is_dead_only_under_the_window_rule(tiny, rule):
+    """Under Eq. 3 as printed, conv_out (no skip path) refuses a token with 1 of 9 visible token
+    neighbours: its logits are the head's bias whatever it shows. The chosen rule (params.yaml)
+    must keep it alive: its logits follow its own pixels."""
+    vq, enc = tiny
+    if rule != "default":
+        enc = dataclasses.replace(enc, stride1_rule=rule)
+    model = encoder(RestrictiveEncoder, (vq, enc))
+    a, b = lone_token_logits(model, images(1, seed=1)), lone_token_logits(model, images(1, seed=2))
+    dead = torch.allclose(a, model.head.bias) and torch.allclose(b, model.head.bias)
+    assert dead == (enc.stride1_rule == "window"), (enc.stride1_rule, (a - b).abs().max())
+    if rule == "default":
+        assert not dead
+    if not dead:
+        assert (a - b).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("rule", ["window", "centre", "window_with_skip"])
+@pytest.mark.parametrize("cls", [RestrictiveEncoder, VanillaEncoder])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_in_the_hole_leaves_visible_logits_finite_and_unchanged(tiny, rule, cls, bad):
+    model = encoder(cls, (tiny[0], dataclasses.replace(tiny[1], stride1_rule=rule)))
+    x, m = images(), masks()
+    logits, m_hat = model(x, m)
+    dirty_logits, dirty_m_hat = model(torch.where(m > 0, x, torch.full_like(x, bad)), m)
+    assert torch.isfinite(dirty_logits).all()
+    assert torch.equal(m_hat, dirty_m_hat)
+    assert torch.equal(dirty_logits, logits)
+
+
+def test_unknown_stride1_rule_is_an_error(tiny):
+    with pytest.raises(ValueError, match="stride1_rule"):
+        encoder(RestrictiveEncoder, (tiny[0], dataclasses.replace(tiny[1], stride1_rule="corner")))

@@ -75,6 +75,25 @@ def test_stand_in_fid_is_zero_for_a_set_against_itself_and_positive_between_diff
         fid.fid(smooth[:1], smooth)
 
 
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # pytorch-fid's sqrtm of a singular product
+def test_fid_from_fewer_sets_than_dimensions_is_pytorch_fids_distance_without_the_large_square_root():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    from latent_inpaint.evaluate.fid import frechet_distance_low_rank
+
+    rng = np.random.default_rng(0)
+    a = np.abs(rng.normal(size=(6, 40)))
+    for b in (a + 0.3 * rng.normal(size=(6, 40)), np.abs(rng.normal(size=(5, 40))) * 1.1 + 0.05):
+        stats = [s for f in (a, b) for s in (f.mean(axis=0), np.cov(f, rowvar=False))]
+        reference = calculate_frechet_distance(*stats)
+        assert frechet_distance_low_rank(a, b) == pytest.approx(reference, rel=1e-4)
+        assert FID.fid(a, b) == pytest.approx(reference, rel=1e-4)
+    assert frechet_distance_low_rank(a, a) == pytest.approx(0.0, abs=1e-9)
+    many = np.abs(rng.normal(size=(50, 8)))  # more sets than dimensions: pytorch-fid's own route
+    stats = [s for f in (many, many[::-1] * 2) for s in (f.mean(axis=0), np.cov(f, rowvar=False))]
+    assert FID.fid(many, many[::-1] * 2) == pytest.approx(calculate_frechet_distance(*stats), rel=1e-9)
+
+
 def test_fid_loads_inception_weights_from_a_file_and_explains_a_missing_one(tmp_path, monkeypatch):
     before = torch.random.get_rng_state()
     stand_in = FID("stand-in", batch_size=2)
@@ -220,3 +239,9 @@ def test_evaluate_stage_scores_the_classical_reference_and_writes_metrics_and_ta
     text = table.read_text()
     assert text.startswith("### Inpainting on the test split (3 images)") and "| biharmonic (classical) |" in text
     assert text in summary and summary.endswith(f"metrics written to {out}")
+
+    # An ablation is scored on the first evaluate.ablation_images test images (Table 2's subset).
+    p["evaluate"]["ablation_images"] = 2
+    evaluate.run(p, "biharmonic", tmp_path / "no-runs", tmp_path / "shards", tmp_path / "masks", out,
+                 kinds=("box",), diversity=False, ablation=True)
+    assert json.loads(out.read_text())["images"]["fid"] == 2

@@ -192,7 +192,8 @@ def test_places365_layout_uses_the_official_lists(tmp_path):
     (lists / "places365_val.txt").write_text(
         "".join(f"Places365_val_{i:08d}.jpg 165\n" for i in (1, 2, 3, 4))  # 4 is listed but absent
     )
-    manifest = run(root, tmp_path / "out", "data.layout=places365", "data.val_fraction=0.2")
+    # val holds data.val_images images of the training list; val_fraction plays no part.
+    manifest = run(root, tmp_path / "out", "data.layout=places365", "data.val_images=2", "data.val_fraction=0.5")
     assert {s: v["images"] for s, v in manifest["splits"].items()} == {"train": 8, "val": 2, "test": 3}
     assert [Path(s["path"]).name for s in manifest["skipped"]] == ["Places365_val_00000004.jpg"]
     assert "listed in places365_val.txt but missing" in manifest["skipped"][0]["reason"]
@@ -209,14 +210,16 @@ def test_celebahq_split_file_with_and_without_mapping(tmp_path):
     manifest = run(root.parent, tmp_path / "a", "data.layout=celebahq", f"data.lists={split_file}")
     assert {s: v["images"] for s, v in manifest["splits"].items()} == {"train": 3, "val": 1, "test": 2}
 
-    # CelebAMask-HQ: CelebA's partition file plus the HQ-to-CelebA index mapping.
+    # CelebAMask-HQ: CelebA's partition file plus the HQ-to-CelebA index mapping. The paper's
+    # evaluation set (2,993 images) is CelebA's validation partition (1): it is our test split.
     partition = tmp_path / "list_eval_partition.txt"
     partition.write_text("".join(f"{100 + i:06d}.jpg {s}\n" for i, s in enumerate([0, 0, 1, 2, 2, 2])))
     mapping = tmp_path / "CelebA-HQ-to-CelebA-mapping.txt"
     mapping.write_text("idx orig_idx orig_file\n" + "".join(f"{i} {99 + i} {100 + i:06d}.jpg\n" for i in range(6)))
     manifest = run(root.parent, tmp_path / "b", "data.layout=celebahq", f"data.lists={partition}",
                    f"data.celebahq_mapping={mapping}")
-    assert {s: v["images"] for s, v in manifest["splits"].items()} == {"train": 2, "val": 1, "test": 3}
+    assert {s: v["images"] for s, v in manifest["splits"].items()} == {"train": 2, "val": 3, "test": 1}
+    assert set(shard_images(tmp_path / "b", "test")) == {"2.jpg"}  # CelebA partition 1
 
     split_file.write_text("0.jpg somewhere\n")
     with pytest.raises(DataError, match="split.txt: line '0.jpg somewhere'"):

@@ -40,7 +40,7 @@ def runs(tmp_path_factory) -> Path:
     encoder = build_encoder("restrictive", vq, enc, SIZE)
     grid = SIZE // vqgan.factor
     transformer = BidirectionalTransformer(tf, vqgan.quantize.embedding.weight.detach(), grid)
-    decoder = InpaintDecoder(vq, SIZE)
+    decoder = InpaintDecoder(vq, SIZE, enc.attn_resolutions)
     for stage, model in {"vqgan": vqgan, "encoder": encoder, "transformer": transformer, "decoder": decoder}.items():
         export_final(root / stage, stage, {stage: model}, "test")
     return root
@@ -93,7 +93,7 @@ def test_inpaint_files_writes_samples_grid_and_settings(runs, tmp_path):
     assert seen == [tmp_path / "a.png"] and report["images"][str(tmp_path / "a.png")]["status"] == "2 samples"
     assert report["settings"]["seed"] == 5 and report["settings"]["mask"] == "small"
     assert json.loads((tmp_path / "out" / "settings.json").read_text()) == report
-    assert sorted(p.name for p in (tmp_path / "out" / "a").iterdir()) == ["grid.png", "sample_00.png", "sample_01.png"]
+    assert sorted(p.name for p in (tmp_path / "out" / "a.png").iterdir()) == ["grid.png", "sample_00.png", "sample_01.png"]
 
 
 def run_cli(*args: str, cwd: Path = REPO, project_params: bool = True) -> subprocess.CompletedProcess:
@@ -134,11 +134,11 @@ def test_cli_handles_each_bad_input_and_processes_the_rest(runs, tmp_path):
     assert "thresholded" in " ".join(status["grey"]["notes"])
     assert "mismatch.png is 30x30" in status["mismatch"]["error"] and "expected 40x40" in status["mismatch"]["error"]
     assert "unreadable.jpg" in status["unreadable"]["error"]
-    good = np.asarray(Image.open(out / "good" / "sample_00.png"))
+    good = np.asarray(Image.open(out / "good.png" / "sample_00.png"))
     original = np.asarray(Image.open(images / "good.png"))
     assert np.array_equal(good[hole == 0], original[hole == 0])
-    assert Image.open(out / "good" / "grid.png").size[0] > 4 * 40  # input | masked | 2 samples
-    unchanged = np.asarray(Image.open(out / "nohole" / "sample_00.png"))
+    assert Image.open(out / "good.png" / "grid.png").size[0] > 4 * 40  # input | masked | 2 samples
+    unchanged = np.asarray(Image.open(out / "nohole.png" / "sample_00.png"))
     assert np.array_equal(unchanged, np.asarray(Image.open(images / "nohole.png")))
 
 
@@ -160,4 +160,4 @@ def test_inpaint_works_outside_the_project_folder(runs, tmp_path):
     assert "params.yaml" not in done.stderr  # no note: the outputs do not depend on which defaults served
     settings = json.loads((tmp_path / "out" / "settings.json").read_text())["settings"]
     assert settings["samples"] == section(params(), "sample").samples
-    assert len(list((tmp_path / "out" / "photo").glob("sample_*.png"))) == settings["samples"]
+    assert len(list((tmp_path / "out" / "photo.jpg").glob("sample_*.png"))) == settings["samples"]

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from latent_inpaint.config import load_params, section
+from latent_inpaint.config import section
+from latent_inpaint.params import load_params
 from latent_inpaint.data.ingest import DataError, prepare, split_keys
 from latent_inpaint.data.loader import image_loader
 

@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from latent_inpaint.losses import (
-    NLayerDiscriminator, adaptive_weight, hinge_d_loss, load_lpips, nonsaturating_d_loss,
+    STAND_IN_NARROWING, NLayerDiscriminator, adaptive_weight, hinge_d_loss, load_lpips, nonsaturating_d_loss,
     nonsaturating_g_loss, r1_penalty,
 )
 from latent_inpaint.evaluate.metrics import errors
@@ -36,6 +36,19 @@ def test_the_lpips_stand_in_is_the_same_network_every_time_and_leaves_the_rng_al
     a, b = load_lpips("stand-in"), load_lpips("stand-in")
     assert torch.equal(torch.rand(3), expected)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_the_lpips_stand_in_is_a_narrow_vgg16_in_the_same_layout_and_measures_like_lpips():
+    """Random features at any width measure nothing real; the stand-in is narrow to be cheap."""
+    model = load_lpips("stand-in")
+    widths = [c // STAND_IN_NARROWING for c in (64, 128, 256, 512, 512)]
+    assert model.chns == widths and [lin.model[-1].weight.shape[1] for lin in model.lins] == widths
+    assert model.net.slice3.state_dict()["10.weight"].shape == (256 // STAND_IN_NARROWING, 128 // STAND_IN_NARROWING, 3, 3)
+    assert all(lin.model[-1].weight.min() >= 0 for lin in model.lins)  # the wheel's heads, subsampled
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert model(x, x).abs().max().item() == pytest.approx(0.0, abs=1e-6)
+    near, far = model(x, x + 0.05 * torch.randn_like(x)).mean(), model(x, -x).mean()
+    assert 0 < near < far
 
 
 def test_gan_terms_on_hand_made_logits():

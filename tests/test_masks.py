@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latent_inpaint.config import FreeFormConfig, load_params, section
-from latent_inpaint.data.ingest import DataError
+from latent_inpaint.config import ConfigError, FreeFormConfig, section
+from latent_inpaint.params import load_params
 from latent_inpaint.masks import (
     GRID_LABEL,
     GRID_SEP,
@@ -186,8 +186,9 @@ def test_masks_stage_masks_every_key_of_the_shards_and_rejects_an_unknown_split(
     assert manifest["size"] == 32 and list(manifest["splits"]) == ["val"]
     assert sorted(p.stem for p in (tmp_path / "masks" / "val" / "box").iterdir()) == [k for s in val_keys for k in s]
     params = load_params([REPO / "params.yaml"], ["tracking.enabled=false", "masks.splits=[valid]"])
-    with pytest.raises(DataError, match="unknown split 'valid'"):
+    with pytest.raises(ConfigError, match="masks.splits: unknown split 'valid'"):  # before any file is read
         masks_stage.run(params, shards, tmp_path / "masks2")
+    assert not (tmp_path / "masks2").exists()
 
 
 # ---------------------------------------------------------------------------------- user files
@@ -195,7 +196,11 @@ def test_masks_stage_masks_every_key_of_the_shards_and_rejects_an_unknown_split(
 
 def test_user_mask_generates_centred_crops_or_reads_the_file_named_like_the_image(cfg, tmp_path):
     box = user_mask("box", Path("photo.jpg"), (40, 60), cfg, seed=0, index=0)
-    assert np.array_equal(box, box_mask(60, cfg.box_fraction)[10:50])  # drawn at the longer side, centre rows
+    expected_box = np.ones((40, 60), np.uint8)
+    expected_box[4:36, 6:54] = 0  # 0.8 of the height by 0.8 of the width: a visible margin on every side
+    assert cfg.box_fraction == 0.8 and np.array_equal(box, expected_box)
+    assert np.array_equal(box_mask(60, cfg.box_fraction), user_mask("box", Path("sq.png"), (60, 60), cfg, seed=0,
+                                                                    index=0))  # square: the evaluation box
     large = user_mask("large", Path("photo.jpg"), (60, 40), cfg, seed=3, index=1)
     assert large.shape == (60, 40) and np.array_equal(large, user_mask("large", Path("x"), (60, 40), cfg, seed=3, index=1))
     assert not np.array_equal(large, user_mask("large", Path("x"), (60, 40), cfg, seed=3, index=2))

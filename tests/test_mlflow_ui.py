@@ -23,7 +23,8 @@ from conftest import REPO, venv_bin
 from PIL import Image
 
 from latent_inpaint import tracking
-from latent_inpaint.config import load_params, section
+from latent_inpaint.config import section
+from latent_inpaint.params import load_params
 
 pytestmark = pytest.mark.slow
 

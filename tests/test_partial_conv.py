@@ -143,3 +143,31 @@ def test_bad_arguments_are_errors():
         token_mask(torch.ones(1, 1, 8, 8), 0.0, 2)
     with pytest.raises(ValueError, match="alpha"):
         RestrictiveConv2d(1, 1, 3, alpha=1.5)
+
+
+def test_centre_test_keeps_every_visible_position_at_stride_1_and_window_test_does_not():
+    """(2, 2) is visible with 2 of its 9 window positions visible: the window test (Eq. 3 as
+    printed) refuses it, the centre test (the authors' code) keeps it. The centre test keeps
+    every visible position as W^T(X⊙M)·sum(1)/sum(M) + b, holes stay 0, the mask is unchanged."""
+    window = conv(RestrictiveConv2d, alpha=0.5)(X, M)
+    centre = conv(RestrictiveConv2d, alpha=0.5, stride1="centre")(X, M)
+    assert torch.equal(centre[1], M) and torch.equal(window[1], M)
+    assert torch.equal(centre[0][M == 0], torch.zeros(int((M == 0).sum())))
+    for (i, j), (wx, sum_m, sum_1) in WINDOWS.items():
+        if M[0, 0, i, j] == 1:
+            assert centre[0][0, 0, i, j].item() == pytest.approx(wx * sum_1 / sum_m + B)
+    assert window[0][0, 0, 2, 2] == 0 and centre[0][0, 0, 2, 2] != 0
+    with pytest.raises(ValueError, match="stride1"):
+        RestrictiveConv2d(1, 1, 3, padding=1, alpha=0.5, stride1="corner")
+
+
+@pytest.mark.parametrize("cls", [PartialConv2d, RestrictiveConv2d])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_inf_in_the_hole_changes_nothing(cls, bad):
+    """0 * NaN = NaN: masking by multiplication would carry a bad hole value everywhere."""
+    kw = {"alpha": 0.5} if cls is RestrictiveConv2d else {}
+    layer = conv(cls, **kw)
+    dirty = torch.where(M > 0, X, torch.full_like(X, bad))
+    (clean_out, clean_mask), (out, mask) = layer(X, M), layer(dirty, M)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, clean_out) and torch.equal(mask, clean_mask)

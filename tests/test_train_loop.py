@@ -19,6 +19,7 @@ from loop_stage import IN, NO_TRACKING, OUT, TinyStage, train_config
 from latent_inpaint.config import TrackingConfig
 from latent_inpaint.saved import load_weights
 from latent_inpaint.train import CheckpointMismatch, scaled_lr, train
+from latent_inpaint.train.step import precision_for, resolve_precision
 
 SCRIPT = Path(__file__).with_name("loop_stage.py")
 PYTHON = Path(sys.executable)
@@ -287,3 +288,25 @@ def test_a_ddp_wrapper_reads_its_modules_attributes_through():
             wrapped.no_such_thing
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("device_type, capability, expected", [
+    ("cpu", None, "fp32"),
+    ("cuda", (7, 0), "fp16"),  # V100, the paper's GPU: no bf16 tensor cores
+    ("cuda", (7, 5), "fp16"),  # T4
+    ("cuda", (8, 0), "bf16"),  # A100
+    ("cuda", (9, 0), "bf16"),  # H100
+])
+def test_auto_precision_follows_the_device_capability(device_type, capability, expected):
+    assert resolve_precision("auto", device_type, capability) == expected
+    for explicit in ("bf16", "fp16", "fp32"):
+        assert resolve_precision(explicit, device_type, capability) == explicit
+
+
+def test_precision_on_cpu_is_fp32_with_a_pass_through_scaler():
+    autocast, scaler = precision_for("auto", torch.device("cpu"))
+    assert not scaler.is_enabled()
+    with autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    loss = torch.ones((), requires_grad=True) * 3
+    assert scaler.scale(loss) is loss

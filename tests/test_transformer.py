@@ -4,7 +4,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import REPO, params
-from latent_inpaint.config import load_params, section
+from latent_inpaint.config import section
+from latent_inpaint.params import load_params
 from latent_inpaint.transformer import BidirectionalTransformer
 
 GRID = 8  # params.yaml: 64 px through the f8 VQGAN

@@ -1,4 +1,5 @@
 import argparse
+import datetime
 import dataclasses
 import logging
 import math
@@ -9,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from latent_inpaint.config import load_params, section
+from latent_inpaint.config import section
+from latent_inpaint.params import load_params
 from latent_inpaint.taming import import_taming_checkpoint
 from latent_inpaint.vqgan import (
     AttnBlock,
@@ -282,7 +284,12 @@ def test_import_names_the_first_shape_mismatch(tiny_cfg, tmp_path):
 
 def test_import_refuses_arbitrary_pickles_unless_trusted(tiny_cfg, tmp_path):
     source = tiny_model(tiny_cfg)
-    path = taming_checkpoint(source, tmp_path / "old.ckpt", {"hparams": argparse.Namespace(lr=1.0)})
+    # An argparse.Namespace of hparams is one of the inert types Lightning files hold: read safely.
+    path = taming_checkpoint(source, tmp_path / "hparams.ckpt", {"hparams": argparse.Namespace(lr=1.0)})
+    assert torch.equal(import_taming_checkpoint(path, tiny_cfg, SIZE).decoder.conv_out.weight,
+                       source.decoder.conv_out.weight)
+    # Any other Python object is refused unless the file is trusted.
+    path = taming_checkpoint(source, tmp_path / "old.ckpt", {"hparams": datetime.timedelta(days=1)})
     with pytest.raises(ValueError, match="trust_pickle"):
         import_taming_checkpoint(path, tiny_cfg, SIZE)
     model = import_taming_checkpoint(path, tiny_cfg, SIZE, trust_pickle=True)

@@ -177,7 +177,7 @@ def test_snakemake_runs_tracks_and_reruns_only_what_changed(tmp_path):
     assert not any(f"rule {r}:" in plan for r in ("vqgan", "encoder", "decoder"))
     sh(project, "snakemake", "--cores", "2")
     final = yaml.safe_load((project / "runs/transformer/final/config.json").read_text())
-    assert final["config"]["transformer"]["lr"] == 1.0e-3 and final["resumed_from"] == []
+    assert final["models"]["transformer"]["transformer"]["lr"] == 1.0e-3 and final["resumed_from"] == []
     assert (project / "runs/transformer/previous/checkpoint/config.json").is_file()
 
     bad = sh(project, "snakemake", "--cores", "2", "--config", "data={sise: 3}", ok=False)

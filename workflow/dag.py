@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from latent_inpaint import layout  # every path the pipeline writes, spelled once
+from latent_inpaint.data.ingest import SPLITS  # every split gets its tokens, even an empty one
 from latent_inpaint.layout import final, run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,10 +44,20 @@ class Stage:
     outs: tuple[str, ...]  # what DVC versions: the folders and files the rule makes
     metrics: tuple[str, ...] = ()  # DVC metrics files among them
     resources: str = "light"  # the params.yaml resources kind: train | infer | light
+    made: tuple[str, ...] = ()  # more files it makes, read by no rule by name: outputs and readers' inputs
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Every file of fixed name the rule makes: deleting any one reruns it (and what follows).
+        Files whose names depend on the data (shard tars, mask PNGs) stand behind a manifest."""
+        return (*self.done, *self.made)
 
 
-def _trained(entry: str, params: tuple[str, ...], needs: tuple[str, ...], stage: str) -> Stage:
-    return Stage(entry, params, needs, (final(stage),), (run_dir(stage),), resources="train")
+def _trained(entry: str, params: tuple[str, ...], needs: tuple[str, ...], stage: str,
+             weights: tuple[str, ...]) -> Stage:
+    """final/config.json stands for the stage (written last); its weights files are outputs too."""
+    made = tuple(f"{run_dir(stage)}/final/{name}.safetensors" for name in weights)
+    return Stage(entry, params, needs, (final(stage),), (run_dir(stage),), resources="train", made=made)
 
 
 RESULTS = layout.RESULTS
@@ -58,17 +69,19 @@ STAGES = {
                      (f"{layout.SHARDS}/manifest.json",), (layout.SHARDS,)),
     "masks": Stage("stages/masks.py", ("masks",), ("prepare",),
                    (f"{layout.MASKS}/manifest.json", f"{layout.MASKS}/masks.png"), (layout.MASKS,)),
-    "vqgan": _trained("stages/vqgan.py", ("vqgan", "train", "weights"), ("prepare",), "vqgan"),
+    # An imported VQGAN (vqgan.pretrained) has no discriminator: only vqgan.safetensors is sure.
+    "vqgan": _trained("stages/vqgan.py", ("vqgan", "train", "weights"), ("prepare",), "vqgan", ("vqgan",)),
     "tokens": Stage("stages/tokens.py", (), ("prepare", "vqgan"), (f"{layout.TOKENS}/metrics.json",),
-                    (layout.TOKENS,), resources="infer"),
+                    (layout.TOKENS,), resources="infer",
+                    made=tuple(f"{layout.TOKENS}/{split}.{ext}" for split in SPLITS for ext in ("npy", "keys.json"))),
     "encoder": _trained("stages/encoder.py", ("encoder", "masks", "train"), ("prepare", "tokens", "vqgan"),
-                        "encoder"),
+                        "encoder", ("encoder",)),
     "encoder_vanilla": _trained("stages/encoder.py", ("encoder", "masks", "train"),
-                                ("prepare", "tokens", "vqgan"), "encoder_vanilla"),
+                                ("prepare", "tokens", "vqgan"), "encoder_vanilla", ("encoder",)),
     "transformer": _trained("stages/transformer.py", ("transformer", "train"), ("tokens", "vqgan"),
-                            "transformer"),
+                            "transformer", ("transformer",)),
     "decoder": _trained("stages/decoder.py", ("decoder", "masks", "train", "weights", "encoder"),
-                        ("prepare", "tokens", "vqgan"), "decoder"),
+                        ("prepare", "tokens", "vqgan"), "decoder", ("decoder", "disc")),
     "evaluate": Stage("stages/evaluate.py", ("sample", "evaluate", "weights"), ("prepare", "masks", *MODEL),
                       (f"{RESULTS}/metrics.json", f"{RESULTS}/table1.md"), (f"{RESULTS}/table1.md",),
                       metrics=(f"{RESULTS}/metrics.json",), resources="infer"),
@@ -78,7 +91,8 @@ STAGES = {
                       resources="infer"),
     "report": Stage("stages/report.py", ("sample",), ("prepare", "masks", *MODEL, "evaluate", "ablation"),
                     (f"{RESULTS}/report.md", f"{RESULTS}/samples.png"),
-                    (f"{RESULTS}/report.md", f"{RESULTS}/samples.png", f"{RESULTS}/curves.png")),
+                    (f"{RESULTS}/report.md", f"{RESULTS}/samples.png", f"{RESULTS}/curves.png"),
+                    made=(f"{RESULTS}/curves.png",)),
 }
 EXTRA_NEEDS = {"vanilla_encoder": "encoder_vanilla"}  # ablation variant -> the extra stage it needs
 
@@ -91,10 +105,24 @@ def ablation_files(config: dict) -> list[str]:
     return [STAGES["ablation"].done[0].format(variant=v) for v in config["evaluate"]["ablations"]]
 
 
+def targets(config: dict) -> list[str]:
+    """Every file the pipeline makes, for `rule all`. Snakemake reruns a job for a missing output
+    only when something asks for that file, so asking for all of them is what makes deleting any
+    one rerun the rule that makes it (and, its outputs now newer, the rules downstream)."""
+    files: list[str] = []
+    for rule, stage in STAGES.items():
+        if rule == "default_data" and config["data"]["source"] != "default":
+            continue  # a data.source of the user's own
+        if rule == "encoder_vanilla" and not any(v in EXTRA_NEEDS for v in config["evaluate"]["ablations"]):
+            continue  # trained only for the vanilla_encoder ablation
+        files += ablation_files(config) if rule == "ablation" else stage.outputs
+    return files
+
+
 def inputs(rule: str, config: dict, variant: str | None = None) -> dict[str, str | list[str]]:
     """The files a rule reads, named by the rule that makes them: its `done` files (a list where
-    it has several; every ablation's, for the report); `source` is the data folder, the default
-    dataset or a data.source of the user's own."""
+    it has several; every ablation's, for the report), and its `made` files as `<rule>_files`;
+    `source` is the data folder, the default dataset or a data.source of the user's own."""
     files: dict[str, str | list[str]] = {}
     for need in ablation_needs(variant) if variant else STAGES[rule].needs:
         if need == "default_data":
@@ -105,6 +133,9 @@ def inputs(rule: str, config: dict, variant: str | None = None) -> dict[str, str
         else:
             done = STAGES[need].done
             files[need] = done[0] if len(done) == 1 else list(done)
+            if STAGES[need].made:
+                # Snakemake reruns a job for a missing output only when a reader asks for it.
+                files[f"{need}_files"] = list(STAGES[need].made)
     return files
 
 

@@ -9,24 +9,28 @@ work anywhere. Each command parses its options, calls one library function and p
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
 
-from . import layout
-from .config import ABLATIONS, PACKAGED_PARAMS, ConfigError, SampleConfig, default_params_file, load_params, section
+from . import layout, usage
+from .config import ABLATIONS, ConfigError, section, validate
 from .masks import KINDS
+from .params import PACKAGED_PARAMS, default_params_file, load_params
+from .usage import UsageError, at_least, fraction, positive_float
 
 # Commands whose outputs do not depend on which defaults served: no note about the package's.
 READ_ONLY = ("inpaint", "figure-alpha")
+SAMPLE_OPTIONS = ("steps", "temperature", "anneal", "samples", "seed")  # inpaint's options over `sample`
 
 
 def _params(args) -> dict:
     if not args.params and args.command not in READ_ONLY and default_params_file() == PACKAGED_PARAMS:
         print(f"note: no params.yaml in {Path.cwd()}: using the package's defaults ({PACKAGED_PARAMS})",
               file=sys.stderr)
-    return load_params(args.params, args.set, args.config_json)
+    params = load_params(args.params, args.set, args.config_json)
+    validate(params, together=not args.config_json)  # all of it, whichever sections this command reads
+    return params
 
 
 def cmd_default_data(args) -> str:
@@ -51,7 +55,7 @@ def cmd_masks(args) -> str:
     return masks.run(_params(args), args.shards, args.out)
 
 
-def _training(args) -> dict:
+def _training(args) -> dict:  # what every train-* command passes on
     return {"device": args.device, "restart_on_change": args.restart_on_change}
 
 
@@ -66,6 +70,13 @@ def cmd_import_vqgan(args) -> str:
 
     return vqgan.import_vqgan(args.checkpoint, _params(args), args.run_dir, size=args.size,
                               trust_pickle=args.trust_pickle)
+
+
+def cmd_import_official(args) -> str:
+    from .stages import official
+
+    return official.import_official(args.checkpoints, args.model, args.runs, _params(args),
+                                    trust_pickle=args.trust_pickle)
 
 
 def cmd_tokenize(args) -> str:
@@ -100,25 +111,13 @@ def cmd_figure_alpha(args) -> str:
                         kind=args.kind, index=args.index, size=args.size, factor=args.factor, alphas=args.alphas)
 
 
-def _print_outcome(path: Path, outcome: dict) -> None:
-    if "error" in outcome:
-        print(f"{path}: failed: {outcome['error']}", file=sys.stderr)
-        return
-    print(f"{path}: {outcome['status']} -> {outcome['folder']}", *(f"  note: {n}" for n in outcome["notes"]), sep="\n")
-
-
 def cmd_inpaint(args) -> None:
-    from .inpaint import FAILED, Inpainter, inpaint_files
+    from .inpaint import run
 
     params = _params(args)
-    given = {f.name: vars(args)[f.name] for f in dataclasses.fields(SampleConfig) if vars(args)[f.name] is not None}
-    cfg = dataclasses.replace(section(params, "sample"), **given)
-    model = Inpainter.from_runs(args.runs, args.device)
-    report = inpaint_files(model, args.input, args.out, cfg, section(params, "masks"), mask=args.mask,
-                           mask_white_is_visible=args.mask_white_is_visible, runs=args.runs, on_file=_print_outcome)
-    failed = sum(r["status"] == FAILED for r in report["images"].values())
-    if failed:
-        raise RuntimeError(f"{failed} of {len(report['images'])} images failed (see {args.out / 'settings.json'})")
+    cfg = usage.sample_config(section(params, "sample"), **{k: vars(args)[k] for k in SAMPLE_OPTIONS})
+    run(params, cfg, args.input, args.out, args.runs, mask=args.mask, device=args.device,
+        mask_white_is_visible=args.mask_white_is_visible)
 
 
 def cmd_evaluate(args) -> str:
@@ -126,7 +125,7 @@ def cmd_evaluate(args) -> str:
 
     return evaluate.run(_params(args), args.variant, args.runs, args.shards, args.masks, args.out, table=args.table,
                         kinds=tuple(args.kinds), diversity=not args.no_diversity, baseline=args.baseline,
-                        device=args.device)
+                        ablation=args.ablation, device=args.device)
 
 
 def cmd_report(args) -> str:
@@ -169,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--restart-on-change", action="store_true",
                           help="if the run folder holds a run of other parameters, move it to <run-dir>/previous/ "
                                "and train afresh (default: refuse, naming the differences)")
-    training.add_argument("--processes", type=int, default=1, metavar="N",
+    training.add_argument("--processes", type=at_least(1), default=1, metavar="N",
                           help="train with N processes: the command starts itself under torchrun (one per GPU on "
                                "a GPU node, gloo processes on CPU); default 1")
 
@@ -183,9 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("default-data", cmd_default_data, "build the embedded default dataset")
     p.add_argument("--out", type=Path, default=Path(layout.DEFAULT_DATA))
-    p.add_argument("--count", type=int, help="images (default: data.default_count)")
-    p.add_argument("--size", type=int, help="shorter side in pixels (default: data.size)")
-    p.add_argument("--seed", type=int, help="crop seed (default: data.default_seed)")
+    p.add_argument("--count", type=at_least(1), help="images (default: data.default_count)")
+    p.add_argument("--size", type=at_least(1), help="shorter side in pixels (default: data.size)")
+    p.add_argument("--seed", type=at_least(0), help="crop seed (default: data.default_seed)")
 
     p = command("prepare", cmd_prepare, "images -> train/val/test WebDataset shards")
     p.add_argument("--source", help="image folder (default: data.source)")
@@ -205,11 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
                 "load a taming-transformers VQGAN checkpoint strictly and write it as runs/vqgan/final", pickled)
     p.add_argument("checkpoint", type=Path, help="taming .ckpt (with a state_dict) or .safetensors")
     _folders(p, run_dir=layout.run_dir("vqgan"))
-    p.add_argument("--size", type=int, help="image size the model serves (default: data.size)")
+    p.add_argument("--size", type=at_least(1), help="image size the model serves (default: data.size)")
+
+    p = command("import-official", cmd_import_official, "the authors' released .ckpt files -> runs/*/final", pickled)
+    p.add_argument("checkpoints", type=Path, help="folder holding their released .ckpt files")
+    p.add_argument("--model", required=True, choices=["places256", "places512", "celeba"])
+    _folders(p, "runs")
 
     p = command("tokenize", cmd_tokenize, "VQGAN tokens of every split, and codebook usage", device)
     _folders(p, "vqgan", "shards", out=layout.TOKENS)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=at_least(1), default=32)
 
     p = command("train-encoder", cmd_train_encoder, "stage 1: the restrictive (or vanilla) encoder", training)
     p.add_argument("--kind", choices=["restrictive", "vanilla"], default="restrictive")
@@ -226,10 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", help="a mask file (default: a fixed evaluation mask)")
     p.add_argument("--white-is-visible", action="store_true", help="the mask file paints the visible part white")
     p.add_argument("--kind", choices=KINDS, default="large")
-    p.add_argument("--index", type=int, default=0)
-    p.add_argument("--size", type=int)
-    p.add_argument("--factor", type=int, help="image side / token grid side (default: the VQGAN's)")
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--index", type=at_least(0), default=0)
+    p.add_argument("--size", type=at_least(1))
+    p.add_argument("--factor", type=at_least(1), help="image side / token grid side (default: the VQGAN's)")
+    p.add_argument("--alphas", type=fraction, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
     p.add_argument("--out", type=Path, default=Path(layout.RESULTS) / "figure3.png")
 
     p = command("inpaint", cmd_inpaint, "inpaint an image or a folder with the trained model", device)
@@ -238,11 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a mask file, a folder of masks named like the images, or box|small|large (default: box)")
     p.add_argument("--mask-white-is-visible", action="store_true",
                    help="mask files paint the visible part white (MAT, RePaint); default: white = hole")
-    p.add_argument("--samples", type=int, help="samples per image (default: sample.samples)")
-    p.add_argument("--temperature", type=float, help="t (default: sample.temperature)")
-    p.add_argument("--anneal", type=float, help="s: step i samples at t * s**i (default: sample.anneal)")
-    p.add_argument("--steps", type=int, help="k sampling steps (default: sample.steps)")
-    p.add_argument("--seed", type=int, help="seed of the first sample (default: sample.seed)")
+    p.add_argument("--samples", type=at_least(1), help="samples per image (default: sample.samples)")
+    p.add_argument("--temperature", type=positive_float, help="t (default: sample.temperature)")
+    p.add_argument("--anneal", type=positive_float, help="s: step i samples at t * s**i (default: sample.anneal)")
+    p.add_argument("--steps", type=at_least(1), help="k sampling steps (default: sample.steps)")
+    p.add_argument("--seed", type=usage.seed, help="seed of the first sample; sample i uses seed + i "
+                   "(default: sample.seed)")
     _folders(p, "runs", out=f"{layout.RESULTS}/inpaint")
 
     p = command("evaluate", cmd_evaluate, "FID, hole metrics and diversity on the test split", device)
@@ -251,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="mask types (default: all)")
     p.add_argument("--no-diversity", action="store_true", help="skip the LPIPS diversity (ablations)")
     p.add_argument("--baseline", action="store_true", help="also score the classical biharmonic reference")
+    p.add_argument("--ablation", action="store_true",
+                   help="score the first evaluate.ablation_images test images (the paper's Table 2 subset)")
     p.add_argument("--table", type=Path, help="also write the Markdown table here")
 
     p = command("report", cmd_report, "results/report.md: tables, sample grids, training curves", device)
@@ -258,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablations", nargs="*", default=[], help="results/ablations/<name>.json files to tabulate")
 
     p = command("mlflow-ui", cmd_mlflow_ui, "open the tracking store in the MLflow UI on 127.0.0.1")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=usage.port, default=5000)
     return parser
 
 
@@ -275,16 +282,15 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    processes = getattr(args, "processes", 1)
-    if processes < 1:
-        print(f"latent-inpaint {args.command}: --processes must be at least 1, got {processes}", file=sys.stderr)
-        return 2
-    if processes > 1 and "WORLD_SIZE" not in os.environ:  # the workers themselves run under torchrun
-        os.execv(sys.executable, _torchrun(processes, argv))
     try:
+        if getattr(args, "device", None) is not None:
+            usage.device(args.device)
+        if getattr(args, "processes", 1) > 1 and "WORLD_SIZE" not in os.environ:  # workers run under torchrun
+            os.execv(sys.executable, _torchrun(args.processes, argv))
         summary = args.func(args)
-    except ConfigError as exc:
-        print(f"latent-inpaint {args.command}: parameter error: {exc}", file=sys.stderr)
+    except (ConfigError, UsageError) as exc:  # one exit code for every usage or parameter error
+        kind = "parameter error" if isinstance(exc, ConfigError) else "error"
+        print(f"latent-inpaint {args.command}: {kind}: {exc}", file=sys.stderr)
         return 2
     except (DataError, ValueError, OSError, RuntimeError) as exc:
         if os.environ.get("LATENT_INPAINT_DEBUG"):
@@ -292,9 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"latent-inpaint {args.command}: error: {exc}", file=sys.stderr)
         print("  (set LATENT_INPAINT_DEBUG=1 for the full traceback)", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"latent-inpaint {args.command}: interrupted; finished work is kept, rerun to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        said = str(exc) or "finished work is kept, rerun to resume"
+        print(f"latent-inpaint {args.command}: stopped by signal {getattr(exc, 'signum', 2)}; {said}", file=sys.stderr)
+        return 128 + getattr(exc, "signum", 2)
     if summary:
         print(summary)
     return 0

@@ -7,19 +7,13 @@ and so is a key the code does not know (a misspelling would otherwise be silentl
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
-import os
 import types
 import typing
-from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
-
-PACKAGED_PARAMS = Path(__file__).with_name("params.yaml")
-
 
 class ConfigError(ValueError):
     """A parameter file or override is malformed; the message names the file and the key."""
@@ -38,6 +32,7 @@ class DataConfig:
     min_side: int  # images whose shorter side is below this are skipped, never upscaled
     val_fraction: float
     test_fraction: float
+    val_images: int  # places365: images of the training list held out as val (not a fraction)
     split_seed: int
     shard_size: int  # images per WebDataset tar
     image_format: str  # png (lossless) | jpg
@@ -49,11 +44,14 @@ class DataConfig:
     def __post_init__(self):
         _check_choice("data.layout", self.layout, ("folder", "places365", "celebahq"))
         _check_choice("data.image_format", self.image_format, ("png", "jpg"))
-        _check_positive("data.size", self.size)
-        _check_positive("data.shard_size", self.shard_size)
-        _check_positive("data.workers", self.workers)
+        for key in ("size", "min_side", "shard_size", "workers", "default_count"):
+            _check_positive(f"data.{key}", getattr(self, key))
+        _check_range("data.jpeg_quality", self.jpeg_quality, 1, 100)
+        for key in ("val_fraction", "test_fraction"):
+            _check_range(f"data.{key}", getattr(self, key), 0, 1)
         if not 0 <= self.val_fraction + self.test_fraction < 1:
-            raise ConfigError("data.val_fraction + data.test_fraction must lie in [0, 1)")
+            raise ConfigError("data.val_fraction + data.test_fraction must lie in [0, 1), got "
+                              f"{self.val_fraction} + {self.test_fraction}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +66,9 @@ class FreeFormConfig:
     def __post_init__(self):
         lo, hi = self.hole_range
         if not 0 <= lo < hi <= 1:
-            raise ConfigError(f"hole_range must satisfy 0 <= lo < hi <= 1, got {self.hole_range}")
+            raise ConfigError(f"hole_range must satisfy 0 <= lo < hi <= 1, got {list(self.hole_range)}")
+        for key in ("rects_half", "rects_full", "strokes"):
+            _check_range(f"masks.*.{key}", getattr(self, key), 0, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +80,14 @@ class MasksConfig:
     seed: int  # evaluation masks are fixed files drawn from this seed
     splits: tuple[str, ...]  # splits that get fixed evaluation mask sets
     grid_count: int  # masks per type shown in masks.png
+
+    def __post_init__(self):
+        if not 0 < self.box_fraction <= 1:
+            raise ConfigError(f"masks.box_fraction must lie in (0, 1], got {self.box_fraction}")
+        _check_positive("masks.grid_count", self.grid_count)
+        for split in self.splits:
+            if split not in ("train", "val", "test"):
+                raise ConfigError(f"masks.splits: unknown split {split!r} (allowed: train, val, test)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,9 +104,10 @@ class TrainConfig:
     eval_images: int  # validation images for the stage's metric
 
     def __post_init__(self):
-        _check_choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
-        for key in ("grad_accum", "log_every", "checkpoint_every", "image_every"):
+        _check_choice("train.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        for key in ("grad_accum", "log_every", "checkpoint_every", "image_every", "eval_images"):
             _check_positive(f"train.{key}", getattr(self, key))
+        _check_range("train.workers", self.workers, 0, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +133,12 @@ class VQGANConfig:
 
     def __post_init__(self):
         _check_choice("vqgan.codebook_init", self.codebook_init, ("uniform", "data"))
+        for key in ("base_channels", "num_res_blocks", "z_channels", "n_embed", "embed_dim", "disc_layers",
+                    "base_lr", "batch_size", "steps"):
+            _check_positive(f"vqgan.{key}", getattr(self, key))
+        if not self.channel_mult or min(self.channel_mult) <= 0:
+            raise ConfigError(f"vqgan.channel_mult must be a non-empty list of positive integers, "
+                              f"got {list(self.channel_mult)}")
 
     @property
     def factor(self) -> int:
@@ -133,16 +148,26 @@ class VQGANConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
+    variant: str  # paper (our training default) | official (the authors' released layers, see encoder.py)
+    init_from: str | None  # a model folder (e.g. an imported runs/encoder) to fine-tune from
     alpha: float  # restrictive conv threshold on the visible fraction (Eq. 3-4)
+    stride1_rule: str  # which stride-1 restrictive convs apply alpha: window | centre | window_with_skip
     attn_resolutions: tuple[int, ...]
     lr: float
     betas: tuple[float, float]
     batch_size: int
     steps: int
 
+    def __post_init__(self):
+        _check_variant("encoder.variant", self.variant)
+        _check_range("encoder.alpha", self.alpha, 0, 1)
+        _check_training("encoder", self)
+
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
+    variant: str  # paper | official (the released token ids: vocab K+1, a start token; see transformer.py)
+    init_from: str | None  # a model folder (e.g. an imported runs/transformer) to fine-tune from
     n_layer: int
     n_embd: int
     n_head: int
@@ -155,9 +180,25 @@ class TransformerConfig:
     batch_size: int
     steps: int
 
+    def __post_init__(self):
+        _check_variant("transformer.variant", self.variant)
+        for key in ("n_layer", "n_embd", "n_head", "mlp_ratio"):
+            _check_positive(f"transformer.{key}", getattr(self, key))
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"transformer.n_head must divide transformer.n_embd, got n_head {self.n_head} "
+                              f"and n_embd {self.n_embd}")
+        _check_range("transformer.dropout", self.dropout, 0, 1)
+        lo, hi = self.mask_ratio
+        if not 0 <= lo <= hi <= 1:
+            raise ConfigError(f"transformer.mask_ratio must satisfy 0 <= lo <= hi <= 1, got {list(self.mask_ratio)}")
+        _check_range("transformer.weight_decay", self.weight_decay, 0, None)
+        _check_training("transformer", self)
+
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
+    variant: str  # paper | official (the released plain-conv mask encoder; see decoder.py)
+    init_from: str | None  # a model folder (e.g. an imported runs/decoder) to fine-tune from
     init_from_vqgan: bool
     token_noise: float  # fraction of ground-truth tokens replaced at random during training
     r1_weight: float
@@ -167,6 +208,17 @@ class DecoderConfig:
     betas: tuple[float, float]
     batch_size: int
     steps: int
+
+    def __post_init__(self):
+        _check_variant("decoder.variant", self.variant)
+        _check_range("decoder.token_noise", self.token_noise, 0, 1)
+        for key in ("r1_weight", "perceptual_weight", "l1_weight"):
+            _check_range(f"decoder.{key}", getattr(self, key), 0, None)
+        _check_training("decoder", self)
+
+
+def _check_variant(key: str, value: str) -> None:
+    _check_choice(key, value, ("paper", "official"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,8 +230,9 @@ class SampleConfig:
     seed: int
 
     def __post_init__(self):
-        for key in ("steps", "samples"):
+        for key in ("steps", "samples", "temperature", "anneal"):
             _check_positive(f"sample.{key}", getattr(self, key))
+        _check_seed("sample.seed", self.seed, self.samples)
 
 
 # The ablation variants `latent-inpaint evaluate --variant` and `evaluate.ablations` name.
@@ -195,9 +248,12 @@ class EvaluateConfig:
     batch_size: int
     fid_dims: int  # 2048 is the standard FID; 64/192/768 (pytorch-fid's other blocks) only for speed
     ablations: tuple[str, ...]  # variants scored by the ablation rule (see ABLATIONS)
+    ablation_images: int  # test images each ablation is scored on (the paper's Table 2: a 3,000 subset)
 
     def __post_init__(self):
         _check_choice("evaluate.fid_dims", self.fid_dims, (64, 192, 768, 2048))
+        for key in ("fid_images", "diversity_images", "diversity_samples", "batch_size", "ablation_images"):
+            _check_positive(f"evaluate.{key}", getattr(self, key))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,6 +327,31 @@ def _check_positive(key: str, value) -> None:
         raise ConfigError(f"{key} must be positive, got {value}")
 
 
+def _check_range(key: str, value, lo, hi) -> None:
+    """lo <= value <= hi; None: no bound on that side."""
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        allowed = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
+        raise ConfigError(f"{key} must be {allowed}, got {value}")
+
+
+SEED_LIMIT = 2**63  # a torch generator's seed is a signed 64-bit integer
+
+
+def _check_seed(key: str, seed: int, samples: int) -> None:
+    """Sample i is drawn with seed + i: every one of them must fit the generator."""
+    if not 0 <= seed <= SEED_LIMIT - samples:
+        raise ConfigError(f"{key} must lie in [0, 2**63 - samples] = [0, {SEED_LIMIT - samples}] (sample i uses "
+                          f"seed + i), got {seed}")
+
+
+def _check_training(name: str, cfg) -> None:
+    """The optimiser and length keys every trained part has."""
+    for key in ("lr", "batch_size", "steps"):
+        _check_positive(f"{name}.{key}", getattr(cfg, key))
+    if not all(0 <= b < 1 for b in cfg.betas):
+        raise ConfigError(f"{name}.betas must both lie in [0, 1), got {list(cfg.betas)}")
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -329,83 +410,21 @@ def section(params: Mapping[str, Any], name: str):
     return build(SECTIONS[name], params[name], name)
 
 
-def validate(params: Mapping[str, Any]) -> dict:
+def validate(params: Mapping[str, Any], together: bool = True) -> dict:
     """Build every section once, so a bad key fails before any work starts; return the sections
-    as canonical typed data (text from a command line such as "64" becomes 64)."""
+    as canonical typed data (text from a command line such as "64" becomes 64). `together`: also
+    check the keys that must agree across sections (data.size and the VQGAN factor); off where
+    some sections are not the ones the run uses (a Snakemake job gets only the sections it reads,
+    the rest from params.yaml; the Snakefile checked the whole config)."""
     unknown = sorted(set(params) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown section(s): {', '.join(unknown)} (known: {', '.join(SECTIONS)})")
-    return {name: to_dict(section(params, name)) for name in SECTIONS}
-
-
-# ---------------------------------------------------------------------------------- loading
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read parameter file {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def merge(base: dict, overlay: Mapping, where: str) -> dict:
-    """Deep-merge `overlay` into a copy of `base`. Overlays may only set keys the base has."""
-    out = copy.deepcopy(base)
-    for key, value in overlay.items():
-        if base and key not in base:
-            raise ConfigError(f"unknown key '{key}' in {where} (known: {', '.join(map(str, base))})")
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value, f"{where}.{key}")
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def parse_assignment(text: str) -> dict:
-    """`data.size=128` -> {"data": {"size": 128}}; the value is read as YAML."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--set expects section.key=value, got {text!r}")
-    nested = yaml.safe_load(raw)
-    for name in reversed(key.split(".")):
-        nested = {name: nested}
-    return nested
-
-
-def default_params_file() -> Path:
-    """./params.yaml in a project folder; anywhere else the copy shipped in the package (the
-    project's params.yaml links to it), so commands that only read trained runs work anywhere."""
-    local = Path("params.yaml")
-    return local if local.exists() else PACKAGED_PARAMS
-
-
-def load_params(
-    files: list[str | os.PathLike] | None = None,
-    overrides: list[str] = (),
-    config_json: str | None = None,
-) -> dict:
-    """params.yaml, then each overlay file, then a JSON of sections, then `--set` assignments.
-    Without files: ./params.yaml, else the package's own defaults (`default_params_file`)."""
-    files = [Path(f) for f in files] if files else [default_params_file()]
-    params: dict = {}
-    for path in files:
-        params = merge(params, _read_yaml(path), str(path))
-    if config_json:
-        try:
-            sections = json.loads(config_json)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--config-json is not valid JSON: {exc}") from None
-        params = {**params, **sections}  # the JSON carries whole, already merged sections
-    for text in overrides:
-        params = merge(params, parse_assignment(text), "--set")
-    return params
+    built = {name: section(params, name) for name in SECTIONS}
+    data, vqgan = built["data"], built["vqgan"]
+    if together and data.size % vqgan.factor:
+        raise ConfigError(f"data.size must be a multiple of the VQGAN factor {vqgan.factor} "
+                          f"(2 ** (len(vqgan.channel_mult) - 1)), got {data.size}")
+    return {name: to_dict(cfg) for name, cfg in built.items()}
 
 
 def to_dict(cfg) -> dict:

@@ -10,6 +10,9 @@ select so that every visible pixel is the input's, bit for bit, whatever X' hold
   on [X⊙M, M] down to the token grid, is coupled with Z by `couple` and decoded by G, a decoder
   with the VQGAN decoder's layout and parameter names (so it can start from the trained VQGAN's
   decoder and post_quant_conv).
+- OfficialDecoder: the authors' released decoder (decoder.variant "official"): a plain-conv mask
+  encoder on [M - 0.5, X⊙M] instead of E_prt, coupled (Eq. 7-8) with the codebook vectors
+  themselves before a 1x1 `post_bottleneck_conv`, then G. Its names are their checkpoint's.
 - VanillaDecoder: the ablation "vanilla decoder" (Table 2, Fig. 4.B): the VQGAN decodes the
   tokens and the result is pasted into the hole. Nothing to train.
 """
@@ -21,7 +24,8 @@ from torch import nn
 
 from latent_inpaint.config import VQGANConfig, build, to_dict
 from latent_inpaint.partial_conv import DOWNSAMPLE_KERNEL, DOWNSAMPLE_PADDING, PartialConv2d
-from latent_inpaint.vqgan import IMAGE_CHANNELS, Decoder, Layout, VQModel, group_norm, swish
+from latent_inpaint.encoder import MaskedAttnBlock
+from latent_inpaint.vqgan import IMAGE_CHANNELS, Decoder, Encoder, Layout, Level, VQModel, group_norm, swish
 
 
 def couple(z: torch.Tensor, e_prt: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
@@ -87,36 +91,66 @@ class PartialResnetBlock(nn.Module):
         return (x * mask.to(x.dtype) + h) * m2.to(h.dtype), m2
 
 
-class PartialDownLevel(nn.Module):
-    def __init__(self, in_channels: int, channels: int, downsample: bool):
+class PartialDownsample(nn.Module):
+    """vqgan.Downsample (3x3, stride 2, zeros on the right and bottom only) as a partial conv."""
+
+    def __init__(self, channels: int):
         super().__init__()
-        self.block = PartialResnetBlock(in_channels, channels)
-        # The VQGAN's Downsample: 3x3, stride 2, zeros on the right and bottom only.
-        self.downsample = (
-            PartialConv2d(channels, channels, DOWNSAMPLE_KERNEL, stride=2, padding=DOWNSAMPLE_PADDING)
-            if downsample else None
-        )
+        self.conv = PartialConv2d(channels, channels, DOWNSAMPLE_KERNEL, stride=2, padding=DOWNSAMPLE_PADDING)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, mask = self.block(x, mask)
+        return self.conv(x, mask)  # (B, C, H/2, W/2), (B, 1, H/2, W/2)
+
+
+class PartialDownLevel(nn.Module):
+    """One level of the VQGAN encoder (num_res_blocks blocks, attention after each at the
+    attention resolutions, then the down-sampling) with standard partial convolutions."""
+
+    def __init__(self, level: Level, num_res_blocks: int):
+        super().__init__()
+        widths = [level.in_channels] + [level.channels] * num_res_blocks
+        self.block = nn.ModuleList(PartialResnetBlock(widths[j], widths[j + 1]) for j in range(num_res_blocks))
+        self.attn = nn.ModuleList(MaskedAttnBlock(level.channels) for _ in range(num_res_blocks if level.attn else 0))
+        self.downsample = PartialDownsample(level.channels) if level.downsample else None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for j, block in enumerate(self.block):
+            x, mask = block(x, mask)
+            if len(self.attn):
+                x = self.attn[j](x, mask)
         return (x, mask) if self.downsample is None else self.downsample(x, mask)
 
 
-class PartialEncoder(nn.Module):
-    """E_prt (Sec. 3.3): standard partial convolutions (Eq. 1-2, mask updated at every layer) on
-    [X⊙M, M], down to the token grid with the VQGAN encoder's widths, one partial-conv residual
-    block per level. (x (B, 3, H, W), mask (B, 1, H, W)) -> (E_prt (B, z_channels, H/f, W/f),
-    its mask (B, 1, H/f, W/f)); features are zero where the hole was too deep to be reached."""
-
-    def __init__(self, vq: VQGANConfig, resolution: int):
+class PartialMidBlock(nn.Module):
+    def __init__(self, channels: int):
         super().__init__()
-        self.levels = Layout.of(vq, resolution, attn_resolutions=()).levels()
+        self.block_1 = PartialResnetBlock(channels, channels)
+        self.attn_1 = MaskedAttnBlock(channels)
+        self.block_2 = PartialResnetBlock(channels, channels)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, mask = self.block_1(x, mask)
+        return self.block_2(self.attn_1(x, mask), mask)
+
+
+class PartialEncoder(nn.Module):
+    """E_prt (Sec. 3.3 and the supplement): the VQGAN encoder's full layout, layer for layer and
+    name for name (num_res_blocks partial-conv residual blocks per level, attention at
+    `attn_resolutions`, the middle block with its attention), with standard partial convolutions
+    (Eq. 1-2, mask updated at every layer) on [X⊙M, M]. Attention and its GroupNorm read the
+    positions the mask has reached so far only. (x (B, 3, H, W), mask (B, 1, H, W)) ->
+    (E_prt (B, z_channels, H/f, W/f), its mask (B, 1, H/f, W/f)); features are zero where the
+    hole was too deep to be reached."""
+
+    def __init__(self, vq: VQGANConfig, resolution: int, attn_resolutions: tuple[int, ...]):
+        super().__init__()
+        layout = Layout.of(vq, resolution, attn_resolutions)
+        self.levels = layout.levels()
         self.factor = 2 ** (len(self.levels) - 1)
         top = self.levels[-1].channels
         self.conv_in = PartialConv2d(IMAGE_CHANNELS + 1, vq.base_channels, 3, padding=1)
-        self.down = nn.ModuleList(
-            PartialDownLevel(level.in_channels, level.channels, level.downsample) for level in self.levels
-        )
+        self.down = nn.ModuleList(PartialDownLevel(level, layout.num_res_blocks) for level in self.levels)
+        self.mid = PartialMidBlock(top)
         self.norm_out = group_norm(top)
         self.conv_out = PartialConv2d(top, vq.z_channels, 3, padding=1)
 
@@ -127,6 +161,7 @@ class PartialEncoder(nn.Module):
         h, m = self.conv_in(torch.cat([visible, mask], dim=1), mask)
         for level in self.down:
             h, m = level(h, m)
+        h, m = self.mid(h, m)
         return self.conv_out(swish(self.norm_out(h)), m)  # (B, z_channels, H/f, W/f), (B, 1, H/f, W/f)
 
 
@@ -137,23 +172,25 @@ class InpaintDecoder(nn.Module):
     """The paper's decoder (Eq. 7-8): composite of X' = G(couple(post_quant_conv(Z), E_prt(X⊙M), M̂)).
 
     `post_quant_conv` and `decoder` (G) carry the VQModel's names and shapes, so
-    `init_from_vqgan` copies a trained VQGAN's into them; `partial_encoder` is E_prt."""
+    `init_from_vqgan` copies a trained VQGAN's into them; `partial_encoder` is E_prt, with
+    attention at `attn_resolutions` (the paper: 32 and 16, as its restrictive encoder)."""
 
-    def __init__(self, vq: VQGANConfig, resolution: int):
+    def __init__(self, vq: VQGANConfig, resolution: int, attn_resolutions: tuple[int, ...]):
         super().__init__()
-        self.vq, self.resolution = vq, resolution
+        self.vq, self.resolution, self.attn_resolutions = vq, resolution, tuple(attn_resolutions)
         self.factor = 2 ** (len(vq.channel_mult) - 1)
-        self.partial_encoder = PartialEncoder(vq, resolution)
+        self.partial_encoder = PartialEncoder(vq, resolution, self.attn_resolutions)
         self.post_quant_conv = nn.Conv2d(vq.embed_dim, vq.z_channels, 1)
         self.decoder = Decoder(IMAGE_CHANNELS, Layout.of(vq, resolution))
 
     def spec(self) -> dict:
         """What rebuilds this model (saved.load_model)."""
-        return {"model": type(self).__name__, "vqgan": to_dict(self.vq), "resolution": self.resolution}
+        return {"model": type(self).__name__, "vqgan": to_dict(self.vq), "resolution": self.resolution,
+                "attn_resolutions": list(self.attn_resolutions)}
 
     @classmethod
     def from_spec(cls, spec: dict) -> InpaintDecoder:
-        return cls(build(VQGANConfig, spec["vqgan"], "vqgan spec"), spec["resolution"])
+        return cls(build(VQGANConfig, spec["vqgan"], "vqgan spec"), spec["resolution"], tuple(spec["attn_resolutions"]))
 
     @torch.no_grad()
     def init_from_vqgan(self, vqgan_model: VQModel) -> None:
@@ -189,3 +226,52 @@ class VanillaDecoder(nn.Module):
         _check_inputs(x, mask, z_q, self.factor)
         x_raw = self.vqgan.decode(z_q)  # (B, 3, H, W)
         return composite(x, mask, x_raw), x_raw
+
+
+class OfficialDecoder(nn.Module):
+    """The authors' released decoder (their PartialDecoder, names kept):
+    X' = G(post_bottleneck_conv(couple(Z, bottleneck_conv(encoder([M - 0.5, X⊙M])), M̂))), with Z the
+    codebook vectors (no post_quant_conv) and `encoder` a VQGAN encoder on 4 channels whose hole
+    features are ordinary convolutions of zeros. Same interface as InpaintDecoder."""
+
+    def __init__(self, vq: VQGANConfig, resolution: int):
+        super().__init__()
+        self.vq, self.resolution = vq, resolution
+        self.factor = 2 ** (len(vq.channel_mult) - 1)
+        self.encoder = Encoder(IMAGE_CHANNELS + 1, Layout.of(vq, resolution))
+        self.bottleneck_conv = nn.Conv2d(vq.z_channels, vq.embed_dim, 1)
+        self.post_bottleneck_conv = nn.Conv2d(vq.embed_dim, vq.z_channels, 1)
+        self.decoder = Decoder(IMAGE_CHANNELS, Layout.of(vq, resolution))
+
+    def spec(self) -> dict:
+        """What rebuilds this model (saved.load_model)."""
+        return {"model": type(self).__name__, "vqgan": to_dict(self.vq), "resolution": self.resolution}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> OfficialDecoder:
+        return cls(build(VQGANConfig, spec["vqgan"], "vqgan spec"), spec["resolution"])
+
+    @torch.no_grad()
+    def init_from_vqgan(self, vqgan_model: VQModel) -> None:
+        """G and post_bottleneck_conv := the VQGAN's decoder and post_quant_conv (as their training starts)."""
+        self.decoder.load_state_dict(vqgan_model.decoder.state_dict(), strict=True)
+        self.post_bottleneck_conv.load_state_dict(vqgan_model.post_quant_conv.state_dict(), strict=True)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, z_q: torch.Tensor, token_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As InpaintDecoder.forward."""
+        _check_inputs(x, mask, z_q, self.factor)
+        mask = mask.to(x.dtype)
+        visible = torch.where(mask > 0.5, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        e = self.bottleneck_conv(self.encoder(torch.cat([mask - 0.5, visible], dim=1)))  # (B, embed_dim, h, w)
+        x_raw = self.decoder(self.post_bottleneck_conv(couple(z_q, e, token_mask)))  # (B, 3, H, W)
+        return composite(x, mask, x_raw), x_raw
+
+
+def build_decoder(variant: str, vq: VQGANConfig, resolution: int, attn_resolutions: tuple[int, ...]) -> nn.Module:
+    """The stage-3 decoder decoder.variant names: the paper's (E_prt, attention at
+    `attn_resolutions`) or the released one (which has its VQGAN encoder's)."""
+    if variant == "official":
+        return OfficialDecoder(vq, resolution)
+    return InpaintDecoder(vq, resolution, attn_resolutions)

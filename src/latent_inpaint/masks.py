@@ -114,13 +114,16 @@ def free_form_mask(size: int, cfg: FreeFormConfig, rng: np.random.Generator) -> 
     )
 
 
-def box_mask(size: int, fraction: float) -> np.ndarray:
-    """Centred square hole (S, S) of side floor(fraction * S): 204 at 256 px with 0.8, as in the
-    paper. When S - side is odd the extra pixel of margin goes to the bottom and right."""
-    side = math.floor(round(fraction * size, 6))  # round first: 0.29 * 100 must give 29, not 28
-    start = (size - side) // 2
-    mask = np.ones((size, size), np.uint8)
-    mask[start : start + side, start : start + side] = 0
+def box_mask(size: int | tuple[int, int], fraction: float) -> np.ndarray:
+    """Centred box hole: `fraction` of the height by `fraction` of the width, each side floored
+    (204x204 at 256 px with 0.8, as in the paper; 3200x4800 on a 4000x6000 landscape photo).
+    `size`: S for an S x S mask, or (H, W). When a margin is odd its extra pixel goes to the
+    bottom or right."""
+    h, w = (size, size) if isinstance(size, int) else size
+    mask = np.ones((h, w), np.uint8)
+    hole_h, hole_w = (math.floor(round(fraction * side, 6)) for side in (h, w))  # 0.29 * 100 gives 29, not 28
+    top, left = (h - hole_h) // 2, (w - hole_w) // 2
+    mask[top : top + hole_h, left : left + hole_w] = 0
     return mask
 
 
@@ -219,14 +222,14 @@ def read_eval_mask(masks_dir: Path, split: str, kind: str, key: str) -> np.ndarr
 def user_mask(spec: str, image_path: Path, shape: tuple[int, int], cfg: MasksConfig, *, seed: int, index: int,
               hole_is_white: bool = True) -> np.ndarray:
     """The mask (H, W), 1 = visible, of the `index`-th image a user inpaints. `spec`: a kind
-    (box|small|large: generated at the image's longer side, drawn from (seed, index), centre-cropped
+    (box: the centred box_fraction of the height by box_fraction of the width, see `box_mask`;
+    small|large: generated at the image's longer side, drawn from (seed, index), centre-cropped
     to `shape`), a mask file, or a folder holding the file named like the image."""
+    if spec == "box":
+        return box_mask(tuple(shape), cfg.box_fraction)
     if spec in KINDS:
         side = max(shape)
-        if spec == "box":
-            square = box_mask(side, cfg.box_fraction)
-        else:
-            square = free_form_mask(side, getattr(cfg, spec), np.random.default_rng([seed, index]))
+        square = free_form_mask(side, getattr(cfg, spec), np.random.default_rng([seed, index]))
         top, left = (side - shape[0]) // 2, (side - shape[1]) // 2
         return square[top : top + shape[0], left : left + shape[1]]
     path = Path(spec)

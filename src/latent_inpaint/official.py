@@ -13,6 +13,7 @@ lists everything it leaves behind, so nothing is dropped silently.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 import pickle
 import re
@@ -78,7 +79,7 @@ def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> t
         reason = f"{found.group(0)} is not allowed" if found else str(exc).strip().splitlines()[-1]
         raise CheckpointError(
             f"{path}: refused: the pickle needs something outside the allowlist of safe types ({reason}). "
-            "Nothing from it was run. If you trust the file's source, pass --trust-pickle."
+            "Nothing from it was run. If you trust the file's source, pass --trust-pickle (trust_pickle=True)."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
@@ -122,15 +123,16 @@ def take(
 
     A checkpoint key under `prefix` is the module key `rename.get(rest, rest)`; every module key
     in `expected` must be found with its shape. Keys outside the prefix, or matching one of
-    `drop`'s prefixes (reason -> key prefixes, e.g. {"loss/discriminator weights": ("loss.",)}),
-    are dropped and reported; any other key under the prefix is an error."""
+    `drop`'s patterns (reason -> key prefixes, e.g. {"loss/discriminator weights": ("loss.",)}, or
+    glob patterns with a `*`, e.g. "*.resample_filter"), are dropped and reported; any other key
+    under the prefix is an error."""
     rename, drop = rename or {}, drop or {}
     weights: dict[str, torch.Tensor] = {}
     dropped: dict[str, list[str]] = {reason: [] for reason in drop}
     dropped["outside " + (prefix or "the module")] = []
     unexpected: list[str] = []
     for key, value in state.items():
-        reason = next((r for r, prefixes in drop.items() if key.startswith(prefixes)), None)
+        reason = next((r for r, patterns in drop.items() if any(_matches(key, p) for p in patterns)), None)
         if reason is not None:
             dropped[reason].append(key)
         elif not key.startswith(prefix):
@@ -153,7 +155,11 @@ def take(
     if wrong:
         raise CheckpointError(
             f"{path}: {len(wrong)} tensor(s) have the wrong shape: "
-            + "; ".join(f"{prefix}{k} is {tuple(weights[k].shape)}, the module needs {tuple(expected[k])}"
-                        for k in wrong[:5])
+            + "; ".join(f"{prefix}{k} is {tuple(weights[k].shape)} in the checkpoint, "
+                        f"{tuple(expected[k])} in the module" for k in wrong[:5])
         )
     return Taken(weights, dropped)
+
+
+def _matches(key: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(key, pattern) if "*" in pattern else key.startswith(pattern)

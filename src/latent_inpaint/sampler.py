@@ -11,13 +11,22 @@ later steps, "draw with more certainty when more evidence is present".)
 Each row has its own masked count and its own random generator: a row's sample depends only on
 its own tokens, mask and seed, never on which other rows share the batch (the authors' code
 needs every row to have the same count; this one does not).
+
+`sample_official` is the authors' sampler step for step, for the equivalence test with their
+released models and for users who want their exact behaviour. It differs from `sample` in three
+ways: the per-step counts come from row 0's masked count for the whole batch, and a step takes
+min(count, 1 + (masked tokens in the batch) // B) positions per row, so a row with fewer masked
+tokens re-draws known (even visible) positions once its own run out, and sampling may go on past
+`steps` steps; confidence ignores visibility only through a zero (ties broken by torch.argsort,
+which is not stable); draws come from torch.multinomial on the global generator.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -126,4 +135,56 @@ def sample(
         accept &= ~visible
         tokens = torch.where(accept, draw, tokens)
         visible |= accept
+    return tokens
+
+
+Draw = Callable[[torch.Tensor, int], torch.Tensor]  # (probs (R, K), step) -> codes (R, 1)
+
+
+@torch.no_grad()
+def sample_official(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    visible: torch.Tensor,
+    *,
+    steps: int,
+    temperature: float,
+    anneal: float,
+    draw: str | Draw | None = None,
+    on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """The authors' sampler (see the module docstring): fill `tokens` (B, N) where `visible` (B, N)
+    is False -> (B, N) long. draw: None draws with torch.multinomial; "argmax" takes each chosen
+    position's most probable code; a callable gets (probs (B*k, K), step) and returns (B*k, 1)
+    codes, so a test can inject recorded draws. on_step(step, candidates (B, k), codes (B, k))
+    sees every step."""
+    if tokens.shape != visible.shape or tokens.dim() != 2:
+        raise ValueError(f"tokens {tuple(tokens.shape)} and visible {tuple(visible.shape)} must be the same (B, N)")
+    b = tokens.shape[0]
+    unknown = ~visible.bool()
+    tokens = torch.where(unknown, torch.zeros_like(tokens), tokens)
+    n0 = int(unknown[0].sum())
+    left = (n0 * np.cos(math.pi * np.arange(steps) / (2 * steps))).astype(np.int32)  # their formula, in numpy
+    drawn = (left - np.append(left, 0)[1:]).tolist()
+    step = 0
+    while unknown.any():
+        n = max(drawn[step] if step < len(drawn) else drawn[-1], 1)
+        t = temperature * anneal**step
+        probs = (model(tokens, ~unknown).float() / t).softmax(-1)  # (B, N, K)
+        k = min(n, 1 + int(unknown.sum()) // b)
+        confidence = (probs * unknown[..., None]).amax(-1)  # (B, N); 0 where known
+        candidates = torch.argsort(confidence, 1, descending=True)[:, :k]  # (B, k)
+        chosen = probs.gather(1, candidates[..., None].expand(-1, -1, probs.shape[-1]))  # (B, k, K)
+        if draw is None:
+            codes = torch.multinomial(chosen.reshape(b * k, -1), num_samples=1)
+        elif draw == "argmax":
+            codes = chosen.argmax(-1)
+        else:
+            codes = draw(chosen.reshape(b * k, -1), step)
+        codes = codes.reshape(b, k).to(tokens.dtype)
+        if on_step is not None:
+            on_step(step, candidates, codes)
+        unknown.scatter_(1, candidates, False)
+        tokens = tokens.scatter(1, candidates, codes)
+        step += 1
     return tokens

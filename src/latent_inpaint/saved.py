@@ -36,7 +36,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
-from .config import merge
+from .params import merge
 from .files import sha256_file
 
 FINAL = "final"
@@ -47,7 +47,9 @@ WEIGHTS = ".safetensors"
 # only for a caller that does not: the workflow derives the code a rule runs from its imports
 # (workflow/dag.py), so loading a VQGAN must not make a stage depend on the decoder's code.
 MODELS = {"VQModel": "vqgan", "NLayerDiscriminator": "losses", "RestrictiveEncoder": "encoder",
-          "VanillaEncoder": "encoder", "BidirectionalTransformer": "transformer", "InpaintDecoder": "decoder"}
+          "VanillaEncoder": "encoder", "BidirectionalTransformer": "transformer", "InpaintDecoder": "decoder",
+          "OfficialRestrictiveEncoder": "encoder", "OfficialTransformer": "transformer",
+          "OfficialDecoder": "decoder", "Refiner": "refiner"}
 
 
 class CheckpointMismatch(ValueError):
@@ -171,6 +173,19 @@ def load_weights(folder: str | os.PathLike, modules: Mapping[str, nn.Module], de
         except RuntimeError as exc:
             raise CheckpointMismatch(f"{folder / fname} does not fit module {name!r}: {exc}") from exc
     return info
+
+
+def start_from(folder: str | os.PathLike, name: str, module: nn.Module) -> nn.Module:
+    """Fill a freshly built `module` with the weights of model `name` of a model folder (a run, or
+    an imported model such as `import-official`'s runs/<stage>), for fine-tuning: the saved model
+    must be of the same class (so the same variant) and fit strictly."""
+    folder, info = model_folder(folder)
+    kind = _spec(folder, info, name).get("model")
+    if kind != type(module).__name__:
+        raise CheckpointMismatch(f"{folder} holds a {kind} as {name!r}; this stage builds a {type(module).__name__} "
+                                 "(set the section's variant to the saved model's)")
+    load_weights(folder, {name: module})
+    return module
 
 
 def export_final(run_dir: str | os.PathLike, stage: str, modules: Mapping[str, nn.Module], source: str) -> Path:

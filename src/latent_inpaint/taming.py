@@ -1,16 +1,16 @@
 """A taming-transformers VQGAN checkpoint, loaded strictly into this project's VQModel (whose
-parameters carry taming's names)."""
+parameters carry taming's names). Lightning .ckpt files are read safely by official.read_checkpoint."""
 
 from __future__ import annotations
 
 import logging
 import os
-import pickle
 from pathlib import Path
 
 import torch
 
 from latent_inpaint.config import VQGANConfig
+from latent_inpaint.official import read_checkpoint, take
 from latent_inpaint.vqgan import VQModel
 
 log = logging.getLogger(__name__)
@@ -18,31 +18,16 @@ log = logging.getLogger(__name__)
 LOSS_PREFIX = "loss."  # taming stores its LPIPS network and discriminator under this prefix
 
 
-def _read_state_dict(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if not trust_pickle:
-            raise ValueError(
-                f"{path}: the checkpoint holds Python objects beyond tensors, so it cannot be loaded "
-                f"safely ({str(exc).splitlines()[0]}). If you trust its source, pass trust_pickle=True "
-                "(or convert it once to .safetensors)."
-            ) from None
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a taming checkpoint {{'state_dict': {{name: tensor}}}} or a state dict")
-    return obj
+def expected_state(model: torch.nn.Module) -> dict[str, torch.Size]:
+    """The key -> shape list a checkpoint must match to fill `model` (built on any device)."""
+    return {k: v.shape for k, v in model.state_dict().items()}
 
 
-def _key_list(keys: list[str], limit: int = 20) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+def load_taken(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Fill a (meta-device) model with checked weights, in fp32 like the model; tensors already
+    fp32 and contiguous are used as they are (a memory-mapped file stays on disk until read)."""
+    weights = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v for k, v in weights.items()}
+    model.load_state_dict(weights, strict=True, assign=True)
 
 
 def import_taming_checkpoint(
@@ -56,29 +41,16 @@ def import_taming_checkpoint(
     {"state_dict": ...}, or .safetensors), loaded strictly. taming's `loss.*` entries (its LPIPS
     network and discriminator) are dropped; anything else that does not match `cfg` is an error."""
     path = Path(path)
-    state = _read_state_dict(path, trust_pickle)
-    dropped = [k for k in state if k.startswith(LOSS_PREFIX)]
-    state = {k: v for k, v in state.items() if not k.startswith(LOSS_PREFIX)}
-    log.info("%s: %d model tensors kept, %d loss.* tensors dropped", path, len(state), len(dropped))
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        state = load_file(str(path))
+    else:
+        state, _ = read_checkpoint(path, trust_pickle=trust_pickle)
     with torch.device("meta"):
         model = VQModel(cfg, resolution)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: checkpoint does not match the VQGAN config (after dropping {len(dropped)} loss.* keys)\n"
-            f"  missing ({len(missing)}): {_key_list(missing)}\n"
-            f"  unexpected ({len(unexpected)}): {_key_list(unexpected)}"
-        )
-    mismatched = [k for k in expected if state[k].shape != expected[k].shape]
-    if mismatched:
-        k = mismatched[0]
-        raise ValueError(
-            f"{path}: {len(mismatched)} tensor(s) have the wrong shape for the VQGAN config; first: "
-            f"{k} is {tuple(state[k].shape)} in the checkpoint, {tuple(expected[k].shape)} in the model"
-        )
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    taken = take(path, state, expected_state(model), drop={"loss/discriminator weights": (LOSS_PREFIX,)})
+    log.info("%s: %d model tensors kept, %d loss.* tensors dropped", path, len(taken.weights),
+             len(taken.dropped["loss/discriminator weights"]))
+    load_taken(model, taken.weights)
     return model

@@ -8,7 +8,9 @@ it, under a file lock in the working directory. A standalone CLI call gets a par
 The store is the `tracking.uri` param, else `$MLFLOW_TRACKING_URI`, else an SQLite file in the
 working directory with artifacts beside it in `mlruns/`. SQLite lets one writer in at a time and
 answers a second, concurrent one with "database is locked" rather than waiting in every case, so
-for SQLite stores every write goes through the same file lock.
+for SQLite stores every write goes through the same file lock. A new SQLite store is built in a
+hidden sibling file and renamed into place when its schema is complete: a process killed while
+creating it leaves only that sibling, which the next run deletes and builds again.
 
 mlflow takes over a second to import, so it is imported only when a stage actually tracks.
 """
@@ -232,10 +234,35 @@ class Tracker:
                 self._client.log_batch(self.run_id, params=params[i : i + 100])
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI; None for other stores and in-memory databases."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?")[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _create_sqlite(db: Path) -> None:
+    """Run a new store's migrations in `.<name>.creating-<pid>`, then rename it to `db`."""
+    from mlflow import MlflowClient
+
+    for stale in db.parent.glob(f".{db.name}.creating-*"):  # a killed creation's leftover
+        stale.unlink()
+    tmp = db.with_name(f".{db.name}.creating-{os.getpid()}")
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
+        os.replace(tmp, db)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _open(uri: str) -> MlflowClient:
     try:
         from mlflow import MlflowClient
 
+        db = sqlite_file(uri)
+        if db is not None and not db.exists():
+            _create_sqlite(db)
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)  # reaches the store: migrates or fails here
         return client

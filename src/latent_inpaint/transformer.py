@@ -151,3 +151,68 @@ class BidirectionalTransformer(nn.Module):
         for block in self.blocks:
             x = block(x, allowed)
         return self.head(self.ln_f(x))  # (B, N, K)
+
+
+class OfficialTransformer(nn.Module):
+    """The authors' released transformer (transformer.variant "official"), with the same interface
+    and blocks as BidirectionalTransformer but their input: token ids (code i is id i + 1, id 0 is
+    [MASK]) through a learned embedding `tok_emb` of K + 1 rows, and a start token (id 0, always
+    visible) in front, so `pos_emb` has N + 1 rows and the head K + 1 classes. Class 0 ([MASK])
+    and the start position are dropped from the logits `forward` returns."""
+
+    def __init__(self, cfg: TransformerConfig, n_embed: int, grid: int):
+        super().__init__()
+        self.cfg, self.grid, self.n_embed = cfg, grid, n_embed
+        self.tok_emb = nn.Embedding(n_embed + 1, cfg.n_embd)
+        self.pos_emb = nn.Parameter(torch.zeros(grid * grid + 1, cfg.n_embd))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, n_embed + 1, bias=False)
+        self.apply(BidirectionalTransformer._init_weights)
+        nn.init.normal_(self.tok_emb.weight, std=0.02)
+
+    def spec(self) -> dict:
+        """What rebuilds this model (saved.load_model)."""
+        return {"model": type(self).__name__, "transformer": to_dict(self.cfg), "n_embed": self.n_embed,
+                "grid": self.grid}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> OfficialTransformer:
+        return cls(build(TransformerConfig, spec["transformer"], "transformer spec"), spec["n_embed"], spec["grid"])
+
+    num_parameters = BidirectionalTransformer.num_parameters
+    param_groups = BidirectionalTransformer.param_groups
+
+    def forward_ids(self, ids: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Their GPT as is: ids (B, N+1) long with the start token first, visible (B, N+1) ->
+        logits (B, N+1, K+1)."""
+        n = ids.shape[1]
+        x = self.drop(self.tok_emb(ids) + self.pos_emb[:n])
+        own = torch.eye(n, dtype=torch.bool, device=ids.device)
+        allowed = (visible.bool()[:, None, :] | own)[:, None]  # (B, 1, N+1, N+1)
+        for block in self.blocks:
+            x = block(x, allowed)
+        return self.head(self.ln_f(x))
+
+    def forward(self, tokens: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """As BidirectionalTransformer.forward: tokens (B, N) long, visible (B, N) bool -> logits (B, N, K)."""
+        b, n = tokens.shape
+        if n != self.grid * self.grid:
+            raise ValueError(f"expected {self.grid}x{self.grid} = {self.grid * self.grid} tokens, got {n}")
+        if visible.shape != tokens.shape:
+            raise ValueError(f"visible {tuple(visible.shape)} must match tokens {tuple(tokens.shape)}")
+        visible = visible.bool()
+        ids = torch.where(visible, tokens + 1, torch.zeros_like(tokens))
+        start = torch.zeros(b, 1, dtype=ids.dtype, device=ids.device)
+        seen = torch.ones(b, 1, dtype=torch.bool, device=ids.device)
+        logits = self.forward_ids(torch.cat([start, ids], 1), torch.cat([seen, visible], 1))
+        return logits[:, 1:, 1:]  # (B, N, K)
+
+
+def build_transformer(cfg: TransformerConfig, codebook: torch.Tensor, grid: int) -> nn.Module:
+    """The stage-2 transformer transformer.variant names: the paper's (codebook-vector input) or
+    the released one (token ids)."""
+    if cfg.variant == "official":
+        return OfficialTransformer(cfg, codebook.shape[0], grid)
+    return BidirectionalTransformer(cfg, codebook, grid)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
-from dag import STAGES, ablation_files, code_digest, dvc_yaml, inputs  # noqa: E402
+from dag import STAGES, ablation_files, code_digest, dvc_yaml, inputs, targets  # noqa: E402
 from latent_inpaint.config import ConfigError, validate  # noqa: E402
 from latent_inpaint.layout import LOGS  # noqa: E402
 from latent_inpaint.tracking import TRACKING_ENV, ensure_invocation  # noqa: E402
@@ -18,7 +18,8 @@ try:
     # "--config data='{size: 64}'" and params.yaml's 64 count as the same parameter.
     config.update(validate(config))
 except ConfigError as exc:
-    sys.exit(f"latent-inpaint: parameter error: {exc}")
+    print(f"latent-inpaint: parameter error: {exc}", file=sys.stderr)
+    sys.exit(2)  # the CLI's code for usage and parameter errors
 
 PROJECT = Path(workflow.basedir)
 # The project's one software environment, for `--sdm conda`; otherwise the active one (.venv).

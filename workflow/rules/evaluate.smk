@@ -45,7 +45,7 @@ rule ablation:
     resources:
         **job_resources("ablation"),
     shell:
-        "latent-inpaint evaluate --quiet --variant {wildcards.variant} --kinds box --no-diversity"
+        "latent-inpaint evaluate --quiet --variant {wildcards.variant} --kinds box --no-diversity --ablation"
         " --config-json {params.cfg:q} --runs {params.runs} --shards {params.shards} --masks {params.masks}"
         " --out {output} 2>&1 | tee {log}"
 
@@ -54,7 +54,7 @@ rule report:
     input:
         **inputs("report", config),
     output:
-        STAGES["report"].done,
+        STAGES["report"].outputs,
     params:
         cfg=sections("report"),
         code=code("report"),

@@ -7,7 +7,7 @@ rule encoder:
     input:
         **inputs("encoder", config),
     output:
-        STAGES["encoder"].done,
+        STAGES["encoder"].outputs,
     params:
         cfg=sections("encoder"),
         code=code("encoder"),
@@ -32,7 +32,7 @@ rule encoder_vanilla:
     input:
         **inputs("encoder_vanilla", config),
     output:
-        STAGES["encoder_vanilla"].done,
+        STAGES["encoder_vanilla"].outputs,
     params:
         cfg=sections("encoder_vanilla"),
         code=code("encoder_vanilla"),
@@ -57,7 +57,7 @@ rule transformer:
     input:
         **inputs("transformer", config),
     output:
-        STAGES["transformer"].done,
+        STAGES["transformer"].outputs,
     params:
         cfg=sections("transformer"),
         code=code("transformer"),
@@ -81,7 +81,7 @@ rule decoder:
     input:
         **inputs("decoder", config),
     output:
-        STAGES["decoder"].done,
+        STAGES["decoder"].outputs,
     params:
         cfg=sections("decoder"),
         code=code("decoder"),

@@ -5,7 +5,7 @@ rule vqgan:
     input:
         **inputs("vqgan", config),
     output:
-        STAGES["vqgan"].done,
+        STAGES["vqgan"].outputs,
     params:
         cfg=sections("vqgan"),
         code=code("vqgan"),
@@ -27,7 +27,7 @@ rule tokens:
     input:
         **inputs("tokens", config),
     output:
-        STAGES["tokens"].done,
+        STAGES["tokens"].outputs,
     params:
         code=code("tokens"),
         shards=lambda w, input: folder(input.prepare),

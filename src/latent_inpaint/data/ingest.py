@@ -2,7 +2,8 @@
 
 Each shard is written by one worker process from a fixed list of input files, atomically, with a
 sidecar JSON that records a fingerprint of its inputs and settings: an interrupted run resumes by
-keeping every shard whose sidecar still matches. Tars are byte-reproducible (fixed metadata), so
+keeping every shard whose sidecar still matches. The workers end with their parent, whatever
+ended it (SIGKILL included); SIGTERM and Ctrl-C stop them and say which shards are kept. Tars are byte-reproducible (fixed metadata), so
 DVC sees no change when nothing changed.
 """
 
@@ -12,8 +13,12 @@ import dataclasses
 import hashlib
 import io
 import json
+import multiprocessing
 import os
+import signal
 import tarfile
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -22,11 +27,13 @@ from tqdm import tqdm
 
 from ..config import DataConfig, to_dict
 from ..files import atomic_write, sha256_file
+from ..stopping import Stopped, sigterm_stops
 from .images import IMAGE_EXTENSIONS, SkipImage, decode, encode, prepare_image
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+PARENT_CHECK_S = 0.5  # how often a worker looks whether its parent is still alive
 
 
 class DataError(RuntimeError):
@@ -124,7 +131,8 @@ def discover(cfg: DataConfig, root: Path) -> tuple[dict[str, list[Record]], list
 
     if cfg.layout == "places365":
         # Official lists: train_standard for training; the 36,500-image val list is the test set
-        # used by the paper (and MAT, LaMa); our val split is a hold-out of the training list.
+        # used by the paper (and MAT, LaMa); our val split is a hold-out of data.val_images images
+        # of the training list, as many as the stages score, not a fraction of 1.8 M.
         lists = Path(cfg.lists) if cfg.lists else root / "filelist_places365-standard"
         if not lists.is_dir():
             lists = root
@@ -133,16 +141,20 @@ def discover(cfg: DataConfig, root: Path) -> tuple[dict[str, list[Record]], list
         val_dir = _first_dir(root, "val_256", "val_large")
         train = _listed(train_dir, [r[0] for r in _read_list(train_list)], missing, train_list)
         test = _listed(val_dir, [r[0] for r in _read_list(val_list)], missing, val_list)
-        splits = _cut(train, {"val": cfg.val_fraction}, cfg.split_seed)
-        return {"train": splits["train"], "val": splits["val"], "test": test}, missing
+        ordered = _hash_order(train, cfg.split_seed)
+        val = sorted(ordered[: cfg.val_images], key=lambda r: r.name)
+        return {"train": sorted(ordered[cfg.val_images :], key=lambda r: r.name), "val": val, "test": test}, missing
 
     # celebahq: a split file "<image> <split>"; with the CelebAMask-HQ mapping, the split file is
-    # CelebA's list_eval_partition.txt and names are translated to CelebA-HQ indices.
+    # CelebA's list_eval_partition.txt and names are translated to CelebA-HQ indices. Its codes
+    # are CelebA's partitions: the paper's 2,993 CelebA-HQ test images are CelebA's validation
+    # partition (1), so 1 is our test split (the evaluation set) and CelebA's test partition (2)
+    # our val split. Words (train, val, test) name our splits as they are.
     if not cfg.lists:
         raise DataError("data.layout celebahq needs data.lists: the split file")
     split_file = Path(cfg.lists)
     rows = _read_list(split_file)
-    codes = {"0": "train", "1": "val", "2": "test", "train": "train", "val": "val",
+    codes = {"0": "train", "1": "test", "2": "val", "train": "train", "val": "val",
              "valid": "val", "validation": "val", "test": "test"}
     bad = [r for r in rows if len(r) < 2 or r[1].lower() not in codes]
     if bad:
@@ -238,6 +250,20 @@ def _remove_stale(out_dir: Path, tasks: list[ShardTask]) -> None:
                 path.unlink()
 
 
+def _worker_start(parent: int) -> None:
+    """Pool initializer. Ctrl-C reaches the whole process group: the parent alone handles it.
+    A parent killed by SIGKILL tells no one, so each worker watches for it and exits, instead
+    of writing on and then waiting forever for work that never comes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def prepare(cfg: DataConfig, source: Path, out_dir: Path, progress: bool = True) -> dict:
     """Shard every usable image of `source` into `out_dir`; return (and write) the manifest."""
     source, out_dir = Path(source), Path(out_dir)
@@ -252,11 +278,21 @@ def prepare(cfg: DataConfig, source: Path, out_dir: Path, progress: bool = True)
 
     results = []
     bar = tqdm(total=total, unit="img", desc="prepare", disable=not progress, mininterval=1.0)
-    with ProcessPoolExecutor(max_workers=min(cfg.workers, len(tasks))) as pool:
-        futures = {pool.submit(write_shard, t, out_dir, cfg): t for t in tasks}
-        for fut in as_completed(futures):
-            results.append(fut.result())
-            bar.update(len(futures[fut].records))
+    with sigterm_stops(), ProcessPoolExecutor(max_workers=min(cfg.workers, len(tasks)), initializer=_worker_start,
+                                              initargs=(os.getpid(),)) as pool:
+        futures = {}
+        try:
+            futures.update({pool.submit(write_shard, t, out_dir, cfg): t for t in tasks})
+            for fut in as_completed(futures):
+                results.append(fut.result())
+                bar.update(len(futures[fut].records))
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (see sigterm_stops)
+            pool.shutdown(wait=False, cancel_futures=True)
+            for worker in multiprocessing.active_children():
+                worker.terminate()
+            bar.close()
+            raise Stopped(f"{len(results)} of {len(tasks)} shards are complete and kept in {out_dir} (a shard is "
+                          "written whole or not at all); rerun to resume", getattr(exc, "signum", signal.SIGINT)) from None
     bar.close()
     results.sort(key=lambda r: r["shard"])
 

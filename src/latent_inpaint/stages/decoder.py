@@ -16,12 +16,12 @@ from ..config import DecoderConfig, MasksConfig, TrainConfig, WeightsConfig, sec
 from ..data.ingest import shards_fingerprint
 from ..data.masked import MaskedImages
 from ..data.tokens import tokens_fingerprint
-from ..decoder import InpaintDecoder
+from ..decoder import build_decoder
 from ..evaluate.metrics import errors
 from ..losses import NLayerDiscriminator, load_lpips, nonsaturating_d_loss, nonsaturating_g_loss, r1_penalty
 from ..partial_conv import token_mask
 from ..pictures import grid, to_uint8
-from ..saved import load_model
+from ..saved import load_model, start_from
 from ..train import loop_settings, param_digest, run as train_stage
 from ..vqgan import VQModel
 from ..weights import is_stand_in
@@ -36,7 +36,8 @@ def run(params: dict, vqgan: Path, shards: Path, tokens: Path, run_dir: Path, *,
         section(params, name) for name in ("decoder", "masks", "train", "weights", "encoder"))
     model = load_model(vqgan, VQModel)
     sections = {"decoder": to_dict(cfg), "masks": to_dict(masks), "weights": to_dict(weights), "encoder": to_dict(enc)}
-    return train_stage(lambda: DecoderStage(cfg, masks, train_cfg, weights, shards, tokens, model, alpha=enc.alpha),
+    return train_stage(lambda: DecoderStage(cfg, masks, train_cfg, weights, shards, tokens, model, alpha=enc.alpha,
+                                            attn_resolutions=enc.attn_resolutions),
                        cfg.steps, params, sections, run_dir, device=device, restart_on_change=restart_on_change)
 
 
@@ -44,9 +45,10 @@ class DecoderStage:
     name = "decoder"
 
     def __init__(self, cfg: DecoderConfig, masks: MasksConfig, train: TrainConfig, weights: WeightsConfig,
-                 shards_dir: Path, tokens_dir: Path, vqgan: VQModel, alpha: float):
+                 shards_dir: Path, tokens_dir: Path, vqgan: VQModel, alpha: float, attn_resolutions: tuple[int, ...]):
         """`vqgan`: the trained VQGAN (codebook lookup, and G's initial weights when
-        cfg.init_from_vqgan); `alpha`: the restrictive encoder's threshold, which gives M̂."""
+        cfg.init_from_vqgan); `alpha`: the restrictive encoder's threshold, which gives M̂;
+        `attn_resolutions`: E_prt's, the restrictive encoder's (the paper: 32 and 16 for both)."""
         if not 0.0 <= cfg.token_noise <= 1.0:
             raise ValueError(f"decoder.token_noise is a share of the tokens: 0 <= token_noise <= 1, "
                              f"got {cfg.token_noise}")
@@ -55,8 +57,10 @@ class DecoderStage:
         self.factor, self.n_embed = vqgan.factor, vqgan.cfg.n_embed
         self.data = {split: MaskedImages(shards_dir, tokens_dir, split, vqgan.factor) for split in ("train", "val")}
 
-        decoder = InpaintDecoder(vqgan.cfg, vqgan.resolution)
-        if cfg.init_from_vqgan:
+        decoder = build_decoder(cfg.variant, vqgan.cfg, vqgan.resolution, attn_resolutions)
+        if cfg.init_from:
+            start_from(cfg.init_from, "decoder", decoder)
+        elif cfg.init_from_vqgan:
             decoder.init_from_vqgan(vqgan)
         self.modules = {"decoder": decoder, "disc": NLayerDiscriminator(n_layers=vqgan.cfg.disc_layers)}
         # Used, never trained or saved: the loop keeps them frozen on the device.
@@ -104,8 +108,9 @@ class DecoderStage:
             loss = g_loss + self.cfg.perceptual_weight * perceptual + self.cfg.l1_weight * (x - out).abs().mean()
             return loss, {"g_loss": g_loss.detach(), "perceptual": perceptual.detach(), "hole_l1": hole_l1.mean()}
         reals = x.detach().requires_grad_(True)  # R1 differentiates D's output w.r.t. the reals
-        logits = modules["disc"](torch.cat([reals, scratch["fake"]]))  # one forward: DDP sees one pass
-        real, fake = logits.chunk(2)
+        # Two calls, as taming and the authors make them: the BatchNorm discriminator normalises
+        # reals and fakes each by their own batch statistics. (DDP takes two forwards, one backward.)
+        real, fake = modules["disc"](reals), modules["disc"](scratch["fake"])
         d_loss = nonsaturating_d_loss(real, fake)
         r1 = r1_penalty(real, reals)
         return d_loss + self.cfg.r1_weight * r1, {

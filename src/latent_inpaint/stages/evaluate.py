@@ -19,6 +19,7 @@ from ..evaluate.baseline import biharmonic_inpaint
 from ..evaluate.fid import FID
 from ..evaluate.metrics import diversity, diversity_summary, hole_l1, hole_psnr, ssim
 from ..evaluate.report import table_markdown, write_metrics_json
+from ..files import atomic_write
 from ..inpaint import Inpainter, pick_device
 from ..losses import load_lpips
 from ..masks import KINDS, read_eval_mask
@@ -125,12 +126,15 @@ def sample_grid(method: Method, shards_dir: Path, masks_dir: Path, count: int, s
 
 
 def run(params: dict, variant: str, runs: Path, shards: Path, masks: Path, out: Path, *, table: Path | None = None,
-        kinds: tuple[str, ...] = KINDS, diversity: bool = True, baseline: bool = False,
+        kinds: tuple[str, ...] = KINDS, diversity: bool = True, baseline: bool = False, ablation: bool = False,
         device: str | None = None) -> str:
     """Score one variant of the trained model (see ABLATIONS; "full" is the model as trained) and,
     with `baseline` or variant "biharmonic", the classical reference; write the metrics JSON (and
-    the Markdown table to `table`), log them; return a summary (with the table)."""
+    the Markdown table to `table`), log them; return a summary (with the table). `ablation`:
+    FID on the first evaluate.ablation_images test images (the paper's Table 2 subset)."""
     cfg, sample, weights = (section(params, name) for name in ("evaluate", "sample", "weights"))
+    if ablation:
+        cfg = dataclasses.replace(cfg, fid_images=cfg.ablation_images)
     device = pick_device(device)
     methods: dict[str, Method] = {}
     if variant != "biharmonic":
@@ -156,6 +160,6 @@ def run(params: dict, variant: str, runs: Path, shards: Path, masks: Path, out: 
             rows, columns = table_rows(results)
             text = table_markdown(rows, columns, f"Inpainting on the test split ({results['images']['fid']} images)",
                                   stand_in=results["stand_in"])
-            Path(table).write_text(text)
+            atomic_write(Path(table), text.encode())  # a killed job leaves no half table
             lines.append(text)
     return "\n".join([*lines, f"metrics written to {out}"])

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from ..config import TrainConfig, TransformerConfig, section, to_dict
 from ..data.tokens import load_tokens, tokens_fingerprint
-from ..saved import load_model
+from ..saved import load_model, start_from
 from ..train import loop_settings, run as train_stage
-from ..transformer import BidirectionalTransformer
+from ..transformer import build_transformer
 from ..vqgan import VQModel
 
 EVAL_MASK_RATIO = 0.5  # validation masks half of each map, with a fixed seed
@@ -51,7 +51,10 @@ class TransformerStage:
         self.cfg, self.train_cfg, self.tokens_dir = cfg, train, Path(tokens_dir)
         self.train_tokens, _ = load_tokens(tokens_dir, "train")
         codebook = vqgan.quantize.embedding.weight.detach().cpu()
-        self.modules = {"transformer": BidirectionalTransformer(cfg, codebook, self.train_tokens.shape[1])}
+        transformer = build_transformer(cfg, codebook, self.train_tokens.shape[1])
+        if cfg.init_from:
+            start_from(cfg.init_from, "transformer", transformer)
+        self.modules = {"transformer": transformer}
 
     def config(self) -> dict:
         return {"train": loop_settings(self.train_cfg), "tokens": tokens_fingerprint(self.tokens_dir)}

@@ -101,8 +101,9 @@ class VQGANStage:
             return loss, logs
         if not gan_on:  # taming keeps the discriminator off until disc_start
             return None, {}
-        logits = modules["disc"](torch.cat([x, scratch["fake"]]))  # one forward: DDP sees one pass
-        real, fake = logits.chunk(2)
+        # Two calls, as taming's loss makes them: the BatchNorm discriminator normalises reals and
+        # fakes each by their own batch statistics. (DDP takes two forwards before one backward.)
+        real, fake = modules["disc"](x), modules["disc"](scratch["fake"])
         d_loss = hinge_d_loss(real, fake)
         return d_loss, {"d_loss": d_loss.detach(), "logits_real": real.mean().detach(), "logits_fake": fake.mean().detach()}
 

@@ -2,15 +2,16 @@
 
 A stage (VQGAN, restrictive encoder, transformer, decoder) supplies its modules, optimizers,
 batches and losses through the `Stage` protocol; `train` does the rest: device placement, DDP
-under torchrun, bf16 autocast, gradient accumulation, logging, pictures, evaluation, atomic
+under torchrun, autocast (bf16, or fp16 with a gradient scaler: step.precision_for), gradient accumulation, logging, pictures, evaluation, atomic
 checkpoints, resume, and a clean stop on SIGTERM or Ctrl-C. The run folder's layout and resume
 rules are in `checkpoint.py`; ranks, seeds and signals in `distributed.py`.
 
 One step, for each phase (optimizer) in the order the stage lists them:
 
     for each of the step's grad_accum micro-batches (the same ones for every phase):
-        loss = stage.loss(phase, ...) / grad_accum; loss.backward()   # DDP syncs on the last
-    optimizer.step(); optimizer.zero_grad(set_to_none=True)
+        loss = stage.loss(phase, ...) / grad_accum; scaler.scale(loss).backward()   # DDP syncs on the last
+    scaler.step(optimizer); optimizer.zero_grad(set_to_none=True)
+then scaler.update() (the GradScaler passes through except under fp16)
 
 During a phase only that phase's parameters require grad (as Lightning's toggle_optimizer does
 for GANs), and `modules` maps a module to its DDP wrapper only in the phases that train it;
@@ -46,7 +47,7 @@ from ..tracking import stage_run, tracking_config
 from .checkpoint import (CHECKPOINT, HISTORY, exclusive, finished, identity, resume, save_checkpoint,
                          set_aside_if_changed, write_final)
 from .distributed import DDP, Distributed, StopRequests, param_digest, seed_everything
-from .step import Meter, autocast_for, counts, inference, only_trainable, to_device
+from .step import Meter, counts, inference, only_trainable, precision_for, to_device
 
 
 class Stage(Protocol):
@@ -190,7 +191,7 @@ def _train(stage, cfg, steps, run_dir, tracking, params, d: Distributed, ident: 
     phases = _phases(modules, frozen, optimizers, d, getattr(stage, "find_unused_parameters", False))
     trained = [p for opt in optimizers.values() for g in opt.param_groups for p in g["params"]]
     every = {**frozen, **modules}  # what pictures() and evaluate() see
-    autocast = autocast_for(cfg.precision, d.device)
+    autocast, scaler = precision_for(cfg.precision, d.device)
     info = {"stage": stage.name, **ident, "steps": steps, "world_size": d.world_size, "resumed_from": resumed_from}
     if not d.main:
         tracking = dataclasses.replace(tracking, enabled=False)
@@ -208,16 +209,20 @@ def _train(stage, cfg, steps, run_dir, tracking, params, d: Distributed, ident: 
             t0 = time.perf_counter()
             micro = [to_device(next(batches), d.device) for _ in range(cfg.grad_accum)]
             scratch = [{} for _ in micro]
+            scaled = False
             for phase, opt in optimizers.items():
                 ids, view, ddp = phases[phase]
                 if hasattr(stage, "lr_factor"):
                     for group in opt.param_groups:
                         group["lr"] = group["initial_lr"] * stage.lr_factor(phase, step)
                 with only_trainable(trained, ids):
-                    stepped = _accumulate(stage, phase, view, ddp, micro, scratch, step, autocast, meter)
+                    stepped = _accumulate(stage, phase, view, ddp, micro, scratch, step, autocast, scaler, meter)
                 if stepped:
-                    opt.step()
+                    scaler.step(opt)
                     opt.zero_grad(set_to_none=True)
+                    scaled = True
+            if scaled:  # one scale for every phase's loss; a pass-through except under fp16
+                scaler.update()
             for batch in micro:
                 meter.count(counts(stage, batch))
             done = step + 1
@@ -282,7 +287,7 @@ def _phases(modules, frozen, optimizers, d: Distributed, find_unused: bool) -> d
     return phases
 
 
-def _accumulate(stage, phase, view, ddp, micro, scratch, step, autocast, meter) -> bool:
+def _accumulate(stage, phase, view, ddp, micro, scratch, step, autocast, scaler, meter) -> bool:
     """One phase's gradients summed over the step's micro-batches; False if it skipped."""
     skipped = []
     for i, batch in enumerate(micro):
@@ -293,7 +298,7 @@ def _accumulate(stage, phase, view, ddp, micro, scratch, step, autocast, meter) 
             with autocast():
                 loss, logs = stage.loss(phase, view, batch, step, scratch[i])
             if loss is not None:
-                (loss / len(micro)).backward()
+                scaler.scale(loss / len(micro)).backward()
                 meter.add({f"loss/{phase}": loss})
         meter.add(logs)
         skipped.append(loss is None)
