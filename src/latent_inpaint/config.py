@@ -15,6 +15,10 @@ from typing import Any, Mapping
 
 import yaml
 
+# Which of the restrictive encoder's stride-1 convs apply alpha: see encoder.py.
+STRIDE1_RULES = ("window", "centre", "window_with_skip")
+
+
 class ConfigError(ValueError):
     """A parameter file or override is malformed; the message names the file and the key."""
 
@@ -160,6 +164,7 @@ class EncoderConfig:
 
     def __post_init__(self):
         _check_variant("encoder.variant", self.variant)
+        _check_choice("encoder.stride1_rule", self.stride1_rule, STRIDE1_RULES)
         _check_range("encoder.alpha", self.alpha, 0, 1)
         _check_training("encoder", self)
 

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latent_inpaint.config import EncoderConfig, VQGANConfig, build, to_dict
-from latent_inpaint.partial_conv import (DOWNSAMPLE_PADDING, RestrictiveConv2d, StyleRestrictiveConv2d, masked,
+from .config import STRIDE1_RULES, EncoderConfig, VQGANConfig, build, to_dict
+from .partial_conv import (DOWNSAMPLE_PADDING, RestrictiveConv2d, StyleRestrictiveConv2d, masked,
                                          token_mask)
-from latent_inpaint.vqgan import IMAGE_CHANNELS, AttnBlock, Encoder, Layout, Level, VQModel, group_norm, swish
+from .vqgan import IMAGE_CHANNELS, AttnBlock, Encoder, Layout, Level, VQModel, group_norm, swish
 
 ENCODER_KINDS = ("restrictive", "vanilla", "miracle")
 # Which stride-1 restrictive convs apply Eq. 3's window test (partial_conv.RestrictiveConv2d):
@@ -39,7 +39,6 @@ ENCODER_KINDS = ("restrictive", "vanilla", "miracle")
 # position's features, while conv_in and conv_out, which have none, keep every visible position.
 # Under "window", conv_out zeroes a visible token with fewer than half of its 3x3 token
 # neighbours visible, so its logits are the head's bias: it always predicts the same code.
-STRIDE1_RULES = ("window", "centre", "window_with_skip")
 
 
 def _stride1_tests(rule: str) -> tuple[str, str]:

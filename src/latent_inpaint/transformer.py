@@ -20,6 +20,15 @@ from torch import nn
 from latent_inpaint.config import TransformerConfig, build, to_dict
 
 
+def _checked(tokens: torch.Tensor, visible: torch.Tensor, grid: int) -> torch.Tensor:
+    """`visible` as bool, once tokens (B, N) and visible (B, N) are a grid x grid map."""
+    if tokens.shape[1] != grid * grid:
+        raise ValueError(f"expected {grid}x{grid} = {grid * grid} tokens, got {tokens.shape[1]}")
+    if visible.shape != tokens.shape:
+        raise ValueError(f"visible {tuple(visible.shape)} must match tokens {tuple(tokens.shape)}")
+    return visible.bool()
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -134,11 +143,7 @@ class BidirectionalTransformer(nn.Module):
         Ids at masked positions are ignored (any value, e.g. -1, is allowed there).
         """
         b, n = tokens.shape
-        if n != self.grid * self.grid:
-            raise ValueError(f"expected {self.grid}x{self.grid} = {self.grid * self.grid} tokens, got {n}")
-        if visible.shape != tokens.shape:
-            raise ValueError(f"visible {tuple(visible.shape)} must match tokens {tuple(tokens.shape)}")
-        visible = visible.bool()
+        visible = _checked(tokens, visible, self.grid)
         ids = torch.where(visible, tokens, torch.zeros_like(tokens))  # masked ids may be out of range
         code = self.tok_proj(self.codebook[ids])  # (B, N, C)
         x = torch.where(visible[..., None], code, self.mask_emb.to(code.dtype))
@@ -198,11 +203,7 @@ class OfficialTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """As BidirectionalTransformer.forward: tokens (B, N) long, visible (B, N) bool -> logits (B, N, K)."""
         b, n = tokens.shape
-        if n != self.grid * self.grid:
-            raise ValueError(f"expected {self.grid}x{self.grid} = {self.grid * self.grid} tokens, got {n}")
-        if visible.shape != tokens.shape:
-            raise ValueError(f"visible {tuple(visible.shape)} must match tokens {tuple(tokens.shape)}")
-        visible = visible.bool()
+        visible = _checked(tokens, visible, self.grid)
         ids = torch.where(visible, tokens + 1, torch.zeros_like(tokens))
         start = torch.zeros(b, 1, dtype=ids.dtype, device=ids.device)
         seen = torch.ones(b, 1, dtype=torch.bool, device=ids.device)
