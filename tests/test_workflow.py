@@ -247,7 +247,7 @@ def test_dvc_pull_in_a_fresh_clone_restores_the_bytes_and_retrains_nothing(repro
     sh(clone, "latent-inpaint", "inpaint", str(picture), "--mask", str(tmp_path / "hole.png"), "--samples", "2",
        "--steps", "2")
     visible = hole == 0
-    samples = sorted((clone / "results/inpaint" / picture.stem).glob("sample_*.png"))
+    samples = sorted((clone / "results/inpaint" / picture.name).glob("sample_*.png"))
     assert len(samples) == 2
     for sample in samples:
         assert np.array_equal(np.asarray(Image.open(sample))[visible], image[visible])
