@@ -138,7 +138,7 @@ def train_config(**overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
-NO_TRACKING = TrackingConfig(enabled=False, uri=None, experiment="test", log_images=False)
+NO_TRACKING = TrackingConfig(enabled=False, uri=None, experiment="test", log_images=False, log_models=False)
 
 
 def main(argv: list[str]) -> None:

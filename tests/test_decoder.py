@@ -15,7 +15,7 @@ from latent_inpaint.config import section
 from latent_inpaint.params import load_params
 from latent_inpaint.data.default import build_default_dataset
 from latent_inpaint.data.ingest import prepare
-from latent_inpaint.decoder import InpaintDecoder, PartialEncoder, VanillaDecoder, couple
+from latent_inpaint.decoder import InpaintDecoder, OfficialDecoder, PartialEncoder, VanillaDecoder, couple
 from latent_inpaint.masks import eval_mask
 from latent_inpaint.partial_conv import token_mask
 from latent_inpaint.data.tokens import load_tokens
@@ -126,6 +126,27 @@ def test_visible_pixels_are_kept_bit_for_bit_and_the_hole_content_does_not_matte
     for fill in (noise, 0.0, float("nan"), float("inf")):
         out2, raw2 = model(dark(x, mask, fill), mask, z_q, m_hat[:, 0])
         assert torch.equal(out2, out) and torch.equal(raw2, raw), fill
+
+
+@pytest.mark.parametrize("kind", ["inpaint", "official", "vanilla"])
+def test_prior_then_decode_is_the_whole_forward_and_the_prior_reads_the_image_alone(vq, kind):
+    """Inference runs the prior once per image and decode once per sample: together they are
+    forward, number for number (training calls forward, unchanged)."""
+    torch.manual_seed(2)
+    model = {"inpaint": lambda: InpaintDecoder(vq, SIZE, ATTN), "official": lambda: OfficialDecoder(vq, SIZE),
+             "vanilla": lambda: VanillaDecoder(vqgan(vq))}[kind]().eval()
+    x, mask, z_q, m_hat = inputs(vq)
+    out, raw = model(x, mask, z_q, m_hat)
+    prior = model.prior(x, mask)
+    assert torch.equal(model.decode(prior, z_q, m_hat), raw)
+    if kind == "inpaint":  # Eq. 7-8 spelled out: G(couple(post_quant_conv(Z), E_prt, M̂))
+        e_prt = model.partial_encoder(x, mask)[0]
+        assert torch.equal(prior, e_prt)
+        assert torch.equal(raw, model.decoder(couple(model.post_quant_conv(z_q), e_prt, m_hat)))
+    if prior is not None:  # one image's prior serves all its samples: other codes, same prior
+        other = torch.randn(z_q.shape, generator=torch.Generator().manual_seed(9))
+        assert torch.equal(model.prior(x, mask), prior)
+        assert torch.equal(model.decode(prior, other, m_hat), model(x, mask, other, m_hat)[1])
 
 
 def test_init_from_vqgan_copies_decoder_and_post_quant_conv(vq):

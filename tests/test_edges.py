@@ -27,7 +27,8 @@ from latent_inpaint.cli import main
 from latent_inpaint.config import ConfigError, SampleConfig, section, validate
 from latent_inpaint.params import load_params
 from latent_inpaint.data import ingest
-from latent_inpaint.inpaint import GRID_TILE, Inpainter, inpaint_files
+from latent_inpaint.inpaint import Inpainter
+from latent_inpaint.stages.inpaint import GRID_TILE, inpaint_files
 from test_inpaint import SIZE, photo, runs  # noqa: F401  (runs: the module's fixture of saved parts)
 
 ENV = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "PATH": venv_bin()}
@@ -100,18 +101,19 @@ def test_outputs_cannot_clobber_go_stale_or_outlive_a_failure(runs, tmp_path):  
     Image.fromarray(photo(40, 40, seed=1)).save(images / "a.png")
     Image.fromarray(photo(40, 40, seed=2)).save(images / "a.jpg", quality=95)
     model, masks = Inpainter.from_runs(runs, "cpu"), section(params(), "masks")
-    cfg = SampleConfig(steps=2, temperature=1.0, anneal=0.9, samples=3, seed=0)
+    cfg = SampleConfig(steps=2, temperature=1.0, anneal=0.9, samples=3, seed=0, sampler="ours",
+                       batch_size=8, precision="auto")
     inpaint_files(model, images, out, cfg, masks)
     assert sorted(p.name for p in out.iterdir()) == ["a.jpg", "a.png", "settings.json"]
     for name in ("a.png", "a.jpg"):  # each folder holds its own image's samples
         own = np.asarray(Image.open(images / name).convert("RGB"))
         sample = np.asarray(Image.open(out / name / "sample_00.png"))
         assert np.array_equal(sample[:2], own[:2])  # the box leaves the top rows visible
-    report = inpaint_files(model, images, out, SampleConfig(2, 1.0, 0.9, 1, 0), masks)
+    report = inpaint_files(model, images, out, SampleConfig(2, 1.0, 0.9, 1, 0, "ours", 8, "auto"), masks)
     assert sorted(p.name for p in (out / "a.png").iterdir()) == ["grid.png", "sample_00.png"]  # replaced whole
     assert report["complete"] and "photo.jpg -> photo.jpg/" in report["settings"]["folders"]
     (images / "a.jpg").write_text("now broken")
-    report = inpaint_files(model, images, out, SampleConfig(2, 1.0, 0.9, 1, 0), masks)
+    report = inpaint_files(model, images, out, SampleConfig(2, 1.0, 0.9, 1, 0, "ours", 8, "auto"), masks)
     assert report["images"][str(images / "a.jpg")]["status"] == "failed"
     assert not (out / "a.jpg").exists()  # the earlier results would pass for this run's
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left
@@ -129,12 +131,14 @@ import json, resource, sys, time
 from pathlib import Path
 from latent_inpaint.config import SampleConfig, section
 from latent_inpaint.params import load_params
-from latent_inpaint.inpaint import Inpainter, inpaint_files
+from latent_inpaint.inpaint import Inpainter
+from latent_inpaint.stages.inpaint import inpaint_files
 model = Inpainter.from_runs(Path({str(runs)!r}), "cpu")
 loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 start = time.perf_counter()
 inpaint_files(model, Path({str(tmp_path / 'big.jpg')!r}), Path({str(tmp_path / 'out')!r}),
-              SampleConfig(steps=2, temperature=1.0, anneal=0.9, samples=2, seed=0),
+              SampleConfig(steps=2, temperature=1.0, anneal=0.9, samples=2, seed=0, sampler="ours",
+                       batch_size=8, precision="auto"),
               section(load_params([{str(REPO / 'params.yaml')!r}]), "masks"))
 print(json.dumps({{"seconds": time.perf_counter() - start,
                    "growth_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - loaded}}))
@@ -163,7 +167,7 @@ def test_alpha_is_kept_in_the_samples_and_said(runs, tmp_path):  # noqa: F811
     Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(tmp_path / "cut.png")
     Image.fromarray(rgb).save(tmp_path / "plain.png")
     report = inpaint_files(Inpainter.from_runs(runs, "cpu"), tmp_path, tmp_path / "out",
-                           SampleConfig(2, 1.0, 0.9, 2, 0), section(params(), "masks"))
+                           SampleConfig(2, 1.0, 0.9, 2, 0, "ours", 8, "auto"), section(params(), "masks"))
     with Image.open(tmp_path / "out" / "cut.png" / "sample_01.png") as im:
         assert im.mode == "RGBA" and np.array_equal(np.asarray(im)[..., 3], alpha)
     with Image.open(tmp_path / "out" / "plain.png" / "sample_00.png") as im:

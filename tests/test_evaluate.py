@@ -15,15 +15,16 @@ from pytorch_fid.inception import InceptionV3
 
 from conftest import params
 from latent_inpaint.config import section
-from latent_inpaint.data.ingest import prepare
+from latent_inpaint.data.ingest import prepare, shard_images
 from latent_inpaint.evaluate.baseline import biharmonic_inpaint
-from latent_inpaint.evaluate.fid import FID, INCEPTION_FILE
+from latent_inpaint.evaluate.fid import FID, INCEPTION_FILE, FeatureStats
 from latent_inpaint.weights import is_stand_in
 from latent_inpaint.evaluate.metrics import (
     PSNR_CAP, diversity, diversity_summary, hole_l1, hole_psnr, ssim,
 )
 from latent_inpaint.evaluate.report import table_markdown, write_metrics_json
 from latent_inpaint.losses import load_lpips
+from latent_inpaint.masks import read_eval_mask
 from latent_inpaint.stages import evaluate, masks
 
 
@@ -92,6 +93,32 @@ def test_fid_from_fewer_sets_than_dimensions_is_pytorch_fids_distance_without_th
     many = np.abs(rng.normal(size=(50, 8)))  # more sets than dimensions: pytorch-fid's own route
     stats = [s for f in (many, many[::-1] * 2) for s in (f.mean(axis=0), np.cov(f, rowvar=False))]
     assert FID.fid(many, many[::-1] * 2) == pytest.approx(calculate_frechet_distance(*stats), rel=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # 12 sets < 16 dims: singular by design
+def test_feature_stats_from_batches_give_the_distance_of_the_whole_sets_in_memory_flat_in_their_number():
+    rng = np.random.default_rng(1)
+    dims = 16
+    for n in (12, 16, 200):  # the low-rank regime, its edge (N = D), and the sums past it
+        a, b = rng.normal(size=(n, dims)) + 3, rng.normal(size=(n, dims)) * 1.3 + 3.2
+        stats = [FeatureStats(dims), FeatureStats(dims)]
+        for start in range(0, n, 5):  # batches of 5
+            for s, f in zip(stats, (a, b)):
+                s.add(f[start : start + 5])
+        assert stats[0].count == n
+        assert FID.fid(*stats) == pytest.approx(FID.fid(a, b), rel=1e-9)
+        mean, cov = stats[0].mean_cov()
+        assert np.allclose(mean, a.mean(axis=0), rtol=1e-12) and np.allclose(cov, np.cov(a, rowvar=False), rtol=1e-9)
+        # kept: the features while N <= D (the low-rank distance needs them), else a shift, a sum
+        # and the sum of outer products: never more than D x (D + 2) numbers, whatever N
+        held = [v.size for v in vars(stats[0]).values() if isinstance(v, np.ndarray)]
+        held += [v.size for v in (stats[0]._rows or [])]
+        assert sum(held) <= dims * (dims + 2)
+        assert (stats[0].features is None) == (n > dims)
+    with pytest.raises(ValueError, match="\\(B, 16\\)"):
+        FeatureStats(dims).add(np.zeros((2, 8)))
+    with pytest.raises(ValueError, match="N >= 2"):
+        FID.fid(FeatureStats(dims).add(a[:1]), a)
 
 
 def test_fid_loads_inception_weights_from_a_file_and_explains_a_missing_one(tmp_path, monkeypatch):
@@ -217,18 +244,25 @@ def test_table_markdown_has_a_header_and_a_row_per_method(tmp_path):
 # ---------------------------------------------------------------------------------- the stage
 
 
-@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # 3 images < 64 dims: singular by design
-def test_evaluate_stage_scores_the_classical_reference_and_writes_metrics_and_table(tmp_path):
-    """The whole evaluate command below the CLI, on smooth ramps the biharmonic fill nearly restores."""
+def evaluation_set(tmp_path, count: int = 8, *overrides: str) -> dict:
+    """Shards and evaluation masks of `count` smooth ramps (half of them the test split) in
+    tmp_path/shards and tmp_path/masks; the params that made them."""
     folder = tmp_path / "photos"
     folder.mkdir()
-    for i, image in enumerate(gradients(8)):
+    for i, image in enumerate(gradients(count)):
         Image.fromarray(image).save(folder / f"{i}.png")
     p = params("data.size=32", "data.min_side=16", "data.val_fraction=0.25", "data.test_fraction=0.5",
                "masks.splits=[test]", "evaluate.fid_images=3", "evaluate.fid_dims=64", "weights.inception=stand-in",
-               "tracking.enabled=false")
+               "tracking.enabled=false", *overrides)
     prepare(section(p, "data"), folder, tmp_path / "shards", progress=False)
     masks.run(p, tmp_path / "shards", tmp_path / "masks")
+    return p
+
+
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # 3 images < 64 dims: singular by design
+def test_evaluate_stage_scores_the_classical_reference_and_writes_metrics_and_table(tmp_path):
+    """The whole evaluate command below the CLI, on smooth ramps the biharmonic fill nearly restores."""
+    p = evaluation_set(tmp_path)
     out, table = tmp_path / "results" / "metrics.json", tmp_path / "table.md"
     summary = evaluate.run(p, "biharmonic", tmp_path / "no-runs", tmp_path / "shards", tmp_path / "masks", out,
                            table=table, kinds=("box",), diversity=False)
@@ -245,3 +279,89 @@ def test_evaluate_stage_scores_the_classical_reference_and_writes_metrics_and_ta
     evaluate.run(p, "biharmonic", tmp_path / "no-runs", tmp_path / "shards", tmp_path / "masks", out,
                  kinds=("box",), diversity=False, ablation=True)
     assert json.loads(out.read_text())["images"]["fid"] == 2
+
+
+    # The baseline scores its subset, evaluate.baseline_images, and the results and table say so.
+    p["evaluate"]["baseline_images"] = 2
+    evaluate.run(p, "biharmonic", tmp_path / "no-runs", tmp_path / "shards", tmp_path / "masks", out,
+                 table=table, kinds=("box",), diversity=False)
+    assert json.loads(out.read_text())["images"] == {"fid": 3, "diversity": 4, "samples": 4, "baseline": 2}
+    assert table.read_text().startswith(f"### Inpainting on the test split (3 images; {evaluate.BASELINE} on the "
+                                        "first 2)")
+
+
+class Killed(Exception):
+    pass
+
+
+def counting(method, fail_on_call: int | None = None):
+    """`method`, counting its calls (`.calls`) and the most images one call saw (`.most`); raising
+    Killed at call `fail_on_call`, as if the job were killed there."""
+    def wrapped(images, masks, samples, seeds):
+        wrapped.calls += 1
+        wrapped.most = max(wrapped.most, len(images))
+        if wrapped.calls == fail_on_call:
+            raise Killed
+        return method(images, masks, samples, seeds)
+    wrapped.calls, wrapped.most = 0, 0
+    return wrapped
+
+
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # 4 images < 64 dims: singular by design
+def test_a_killed_evaluation_resumes_without_recomputing_finished_mask_types(tmp_path, monkeypatch):
+    p = evaluation_set(tmp_path, 8, "evaluate.fid_images=4", "evaluate.batch_size=4", "evaluate.diversity_images=2",
+                 "evaluate.diversity_samples=2")
+    args = (tmp_path / "no-runs", tmp_path / "shards", tmp_path / "masks")
+    # One call per mask type (4 images, batches of 4), then one for the diversity (2 images x 2 samples).
+    original = evaluate.biharmonic
+    reference = counting(original)
+    monkeypatch.setattr(evaluate, "biharmonic", reference)
+    evaluate.run(p, "biharmonic", *args, tmp_path / "whole.json")
+    assert reference.calls == 4 and not evaluate.partial_path(tmp_path / "whole.json").exists()
+
+    out = tmp_path / "results" / "metrics.json"
+    killed = counting(original, fail_on_call=2)
+    monkeypatch.setattr(evaluate, "biharmonic", killed)
+    with pytest.raises(Killed):  # during the second mask type
+        evaluate.run(p, "biharmonic", *args, out)
+    assert not out.exists()
+    partial = json.loads(evaluate.partial_path(out).read_text())
+    assert list(partial["done"][evaluate.BASELINE]) == ["small"]
+
+    rerun = counting(original)
+    monkeypatch.setattr(evaluate, "biharmonic", rerun)
+    summary = evaluate.run(p, "biharmonic", *args, out)
+    assert rerun.calls == 3  # large, box and the diversity: small is not recomputed
+    assert "resumed 1 finished part(s)" in summary
+    assert out.read_text() == (tmp_path / "whole.json").read_text()  # as if never killed
+    assert not evaluate.partial_path(out).exists()
+
+    # A partial file of other inputs is never trusted: here another sampling temperature.
+    evaluate.partial_path(out).write_text(json.dumps(partial))
+    p["sample"]["temperature"] = 0.5
+    stale = counting(original)
+    monkeypatch.setattr(evaluate, "biharmonic", stale)
+    evaluate.run(p, "biharmonic", *args, out)
+    assert stale.calls == 4
+
+
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # 7 images < 64 dims: singular by design
+def test_evaluation_streams_one_batch_at_a_time(tmp_path, monkeypatch):
+    """Neither the method nor the Inception network ever sees more than evaluate.batch_size images,
+    and FID's stats past the batch are what the images' features give."""
+    p = evaluation_set(tmp_path, 14, "evaluate.fid_images=7", "evaluate.batch_size=3")
+    seen = []
+    features = FID.features
+    monkeypatch.setattr(FID, "features", lambda self, images: seen.append(len(images)) or features(self, images))
+    method = counting(evaluate.biharmonic)
+    cfg = section(p, "evaluate")
+    results = evaluate.evaluate_methods({"m": method}, tmp_path / "shards", tmp_path / "masks", cfg,
+                                        section(p, "weights"), kinds=("box",), with_diversity=False)
+    assert method.calls == 3 and method.most == 3 and max(seen) == 3  # 7 images: 3 + 3 + 1
+    # the same FID as the whole sets at once
+    keys, images = zip(*shard_images(tmp_path / "shards", "test", 7))
+    box = [read_eval_mask(tmp_path / "masks", "test", "box", key) for key in keys]
+    images = np.stack(images)
+    outputs = np.stack([biharmonic_inpaint(i, m) for i, m in zip(images, box)])
+    fid = FID("stand-in", dims=64)
+    assert results["m"]["box"]["fid"] == pytest.approx(fid.fid(fid.features(images), fid.features(outputs)), rel=1e-6)

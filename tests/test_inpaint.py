@@ -6,6 +6,7 @@ for a trained run: the behaviour tested here does not depend on what the weights
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,7 +22,9 @@ from conftest import REPO, params, venv_bin
 from latent_inpaint.config import SampleConfig, section
 from latent_inpaint.decoder import InpaintDecoder, VanillaDecoder
 from latent_inpaint.encoder import MiracleEncoder, build_encoder
-from latent_inpaint.inpaint import Inpainter, inpaint_files
+from latent_inpaint.inpaint import Inpainter
+from latent_inpaint.stages.inpaint import inpaint_files
+from latent_inpaint.sampler import sample, sample_official
 from latent_inpaint.saved import export_final
 from latent_inpaint.stages.evaluate import parse_variant
 from latent_inpaint.transformer import BidirectionalTransformer
@@ -58,7 +61,8 @@ def test_samples_keep_every_visible_pixel_at_any_size_and_differ(runs):
     image = photo(45, 70)  # odd size and aspect
     mask = np.ones((45, 70), np.uint8)
     mask[5:42, 8:62] = 0  # large enough to hide whole tokens at the model size
-    cfg = SampleConfig(steps=3, temperature=1.0, anneal=0.9, samples=3, seed=0)
+    cfg = SampleConfig(steps=3, temperature=1.0, anneal=0.9, samples=3, seed=0, sampler="ours",
+                       batch_size=8, precision="auto")
     out = model.inpaint(image, mask, cfg, samples=3, seed=0)
     assert len(out) == 3 and all(o.shape == image.shape and o.dtype == np.uint8 for o in out)
     for o in out:
@@ -68,6 +72,97 @@ def test_samples_keep_every_visible_pixel_at_any_size_and_differ(runs):
     assert all(np.array_equal(a, b) for a, b in zip(out, again))  # same seed, same samples
     untouched = model.inpaint(image, np.ones_like(mask), cfg, samples=2, seed=0)
     assert all(np.array_equal(u, image) for u in untouched)
+
+
+def sample_cfg(**changes) -> SampleConfig:
+    return dataclasses.replace(section(params(), "sample"), steps=3, **changes)
+
+
+def boxes(shape: tuple[int, int], *holes: tuple[slice, slice]) -> np.ndarray:
+    mask = np.ones(shape, np.uint8)
+    for hole in holes:
+        mask[hole] = 0
+    return mask
+
+
+def model_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three images at the model size with three different holes: (3, 3, S, S), (3, 1, S, S)."""
+    x = torch.rand(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    mask = torch.ones(3, 1, SIZE, SIZE)
+    mask[0, :, 4:28, 4:28] = 0
+    mask[1, :, :, 16:] = 0
+    mask[2, :, 8:24, 0:12] = 0
+    return x, mask
+
+
+def test_many_images_at_once_give_each_image_alones_samples(runs):
+    """Every sample of every image in shared transformer and decoder batches (sizes, masks and
+    chunks mixed: 3 samples per image, 4 rows per batch) equals the image inpainted alone."""
+    model = Inpainter.from_runs(runs, "cpu")
+    images = [photo(45, 70, 1), photo(32, 32, 2), photo(40, 28, 3), photo(50, 50, 4)]
+    masks = [boxes((45, 70), np.s_[5:42, 8:62]), boxes((32, 32), np.s_[:, 16:]), np.ones((40, 28), np.uint8),
+             boxes((50, 50), np.s_[10:30, 0:20], np.s_[35:45, 30:50])]
+    cfg = sample_cfg(batch_size=4)
+    many = model.inpaint_many(images, masks, cfg, samples=3, seeds=[0, 10, 20, 30])
+    assert [len(results) for results in many] == [3, 3, 3, 3]
+    for image, mask, seed, results in zip(images, masks, [0, 10, 20, 30], many):
+        alone = model.inpaint(image, mask, dataclasses.replace(cfg, batch_size=8), samples=3, seed=seed)
+        assert all(np.array_equal(a, b) for a, b in zip(results, alone))
+    assert all(np.array_equal(r, images[2]) for r in many[2])  # nothing to fill
+    with pytest.raises(ValueError, match="one mask and one seed per image"):
+        model.inpaint_many(images, masks, cfg, samples=3, seeds=[0])
+
+
+def test_batched_tokens_and_pixels_equal_one_sample_at_a_time(runs):
+    """`draw` and `decode` over rows of several images (the first sampling step once per image,
+    the encoder and E_prt once per image) give the tokens and pixels of each row sampled alone
+    through the unshared path: the encoder, the sampler and the whole decoder per sample."""
+    model = Inpainter.from_runs(runs, "cpu")
+    cfg = sample_cfg()
+    x, mask = model_inputs()
+    enc = model.encode(x, mask, cfg)
+    rows, seeds = torch.tensor([0, 0, 1, 1, 1, 2]), [7, 8, 7, 8, 9, 4]
+    tokens = model.draw(enc, rows, seeds, cfg)
+    pixels = model.decode(enc, rows, tokens, cfg)
+    for r, (image, seed) in enumerate(zip(rows.tolist(), seeds)):
+        xi, mi = x[image:image + 1], mask[image:image + 1]
+        logits, m_hat = model.encoder(xi, mi)
+        alone = sample(model.transformer, logits.argmax(1).flatten(1), m_hat.flatten(1), steps=cfg.steps,
+                       temperature=cfg.temperature, anneal=cfg.anneal, seeds=[seed])
+        assert torch.equal(tokens[r], alone[0])
+        composite, _ = model.decoder(xi * mi, mi, model.vqgan.quantize.lookup(alone.view(1, *m_hat.shape[1:])), m_hat)
+        assert torch.equal(pixels[r], (xi * mi + composite * (1 - mi))[0])  # the code before batching
+    assert not torch.equal(tokens[0], tokens[1])
+
+
+def test_the_authors_sampler_when_chosen(runs):
+    """sample.sampler official: each image's samples through sampler.sample_official as one batch,
+    the global generator seeded with the first sample's seed."""
+    model = Inpainter.from_runs(runs, "cpu")
+    cfg = sample_cfg(sampler="official")
+    x, mask = model_inputs()
+    enc = model.encode(x, mask, cfg)
+    rows, seeds = torch.tensor([0, 0, 1, 1, 1]), [5, 6, 9, 10, 11]
+    tokens = model.draw(enc, rows, seeds, cfg)
+    visible = enc.token_mask.flatten(1).bool()
+    for image, (start, stop) in zip((0, 1), ((0, 2), (2, 5))):
+        torch.manual_seed(seeds[start])
+        theirs = sample_official(model.transformer, enc.tokens[rows[start:stop]], visible[rows[start:stop]],
+                                 steps=cfg.steps, temperature=cfg.temperature, anneal=cfg.anneal)
+        assert torch.equal(tokens[start:stop], theirs)
+    assert not torch.equal(tokens, model.draw(enc, rows, seeds, sample_cfg()))
+    image, hole = photo(40, 30), boxes((40, 30), np.s_[10:30, 5:25])
+    out = model.inpaint(image, hole, cfg, samples=2, seed=0)
+    assert all(np.array_equal(o[hole == 1], image[hole == 1]) for o in out)
+    with pytest.raises(ValueError, match="sample.sampler"):
+        sample_cfg(sampler="theirs")
+
+
+def test_reduced_precision_keeps_the_visible_pixels(runs):
+    model = Inpainter.from_runs(runs, "cpu")
+    image, hole = photo(40, 30), boxes((40, 30), np.s_[10:30, 5:25])
+    out = model.inpaint(image, hole, sample_cfg(precision="bf16"), samples=2, seed=0)
+    assert all(o.dtype == np.uint8 and np.array_equal(o[hole == 1], image[hole == 1]) for o in out)
 
 
 def test_ablation_variants_load_the_parts_they_name(runs):
@@ -86,7 +181,8 @@ def test_ablation_variants_load_the_parts_they_name(runs):
 
 def test_inpaint_files_writes_samples_grid_and_settings(runs, tmp_path):
     Image.fromarray(photo(36, 30)).save(tmp_path / "a.png")
-    cfg = SampleConfig(steps=2, temperature=1.0, anneal=0.9, samples=2, seed=5)
+    cfg = SampleConfig(steps=2, temperature=1.0, anneal=0.9, samples=2, seed=5, sampler="ours",
+                       batch_size=8, precision="auto")
     seen = []
     report = inpaint_files(Inpainter.from_runs(runs, "cpu"), tmp_path / "a.png", tmp_path / "out", cfg,
                            section(params(), "masks"), mask="small", on_file=lambda path, outcome: seen.append(path))

@@ -18,11 +18,13 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import browser
+import numpy as np
 import pytest
 from conftest import REPO, venv_bin
 from PIL import Image
 
-from latent_inpaint import tracking
+from latent_inpaint import mlflow_store, tracking
 from latent_inpaint.config import section
 from latent_inpaint.params import load_params
 
@@ -236,6 +238,7 @@ def test_tracking_uri_names_a_team_server(project, tmp_path, monkeypatch):
     server_dir = tmp_path / "team-server"
     server_dir.mkdir()
     shutil.copyfile(REPO / "params.yaml", server_dir / "params.yaml")
+    mlflow_store.open_store(f"sqlite:///{server_dir / 'mlflow.db'}")  # mlflow-ui serves no store it would make
     picture = _picture(tmp_path / "grid.png")
 
     port = _free_port()
@@ -248,3 +251,39 @@ def test_tracking_uri_names_a_team_server(project, tmp_path, monkeypatch):
     assert not (project / "mlflow.db").exists() and not (project / "mlruns").exists()
     assert (server_dir / "mlflow.db").is_file()
     assert [p.name for p in (server_dir / "mlartifacts").rglob("grid.png")] == ["grid.png"]
+
+
+def test_the_browser_shows_the_runs_their_metrics_and_pictures(project, tmp_path, monkeypatch):
+    """The page `mlflow-ui` names lists the runs in the training view; the pipeline run's page
+    shows the evaluation's metrics and its artifact page the sample grid (what the report stage
+    logs), in headless Chromium: rendered DOM and screenshots."""
+    browser.browser()
+    picture = _picture(tmp_path / "grid.png")
+    ids = _log_invocation(project, picture, monkeypatch)
+    cfg = section(load_params([project / "params.yaml"]), "tracking")
+    grid = tmp_path / "samples.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(grid)
+    with tracking.invocation_run(cfg, project) as parent:
+        parent.log_evaluation({"ours": {"box": {"fid": 12.5, "hole_psnr": 21.0}}}, "evaluate")
+        parent.log_artifact(grid, "report")
+
+    port = _free_port()
+    log = tmp_path / "ui.log"
+    with _ui(project, port, log):
+        (url,) = [line.split()[1] for line in log.read_text().splitlines() if line.startswith("open ")]
+        rest = _Rest(port)
+        rest.check_invocation("latent-inpaint", ids, picture)  # the report's parent is the stages' parent
+        exp = rest.get("experiments/get-by-name", experiment_name="latent-inpaint")["experiment"]
+        tags = {t["key"]: t["value"] for t in exp["tags"]}
+        assert tags[mlflow_store.EXPERIMENT_KIND_TAG] == mlflow_store.EXPERIMENT_KIND
+        assert url == f"http://127.0.0.1:{port}/#/experiments/{exp['experiment_id']}?{mlflow_store.TRAINING_VIEW}"
+        run_page = url.replace("?", f"/runs/{parent.run_id}?")
+        picture_page = url.replace("?", f"/runs/{parent.run_id}/artifacts/report/samples.png?")
+
+        runs = browser.render(url, tmp_path / "runs.png")
+        assert "pipeline-" in runs and "Model training" in runs  # the parent run, listed
+        metrics = browser.render(run_page, tmp_path / "run.png")
+        assert "evaluate/ours/box/fid" in metrics and "evaluate/ours/box/hole_psnr" in metrics
+        assert 'alt="report/samples.png"' in browser.render(picture_page, tmp_path / "picture.png")
+        for name in ("runs", "run", "picture"):
+            browser.assert_not_blank(tmp_path / f"{name}.png")

@@ -16,8 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import params
+from torch import nn
+
 from latent_inpaint import cli
 from latent_inpaint.config import section
+from latent_inpaint.data.default import build_default_dataset
+from latent_inpaint.data.ingest import prepare
 from latent_inpaint.params import load_params, merge
 from latent_inpaint.decoder import OfficialDecoder
 from latent_inpaint.encoder import OfficialRestrictiveEncoder
@@ -27,7 +32,11 @@ from latent_inpaint.refiner import Refiner
 from latent_inpaint.sampler import sample_official
 from latent_inpaint.saved import load_model, saved_spec
 from latent_inpaint.stages import official
+from latent_inpaint.stages.decoder import DecoderStage
+from latent_inpaint.stages.encoder import EncoderStage
+from latent_inpaint.stages.tokens import tokenize
 from latent_inpaint.stages.transformer import TransformerStage
+from latent_inpaint.train import train
 from latent_inpaint.transformer import OfficialTransformer
 from latent_inpaint.vqgan import VQModel
 
@@ -302,25 +311,64 @@ def test_the_layout_check_covers_all_ten_released_files():
 # ---------------------------------------------------------------------------------- fine-tuning
 
 
-def test_training_starts_from_imported_weights_keeping_the_variant(imported, tmp_path):
-    """transformer.init_from + transformer.variant official: the stage trains the imported model."""
-    runs = imported["runs"]
-    tokens = tmp_path / "tokens"
-    tokens.mkdir()
-    for split in ("train", "val"):
-        np.save(tokens / f"{split}.npy", np.random.default_rng(0).integers(0, 32, (6, 8, 8)).astype(np.uint16))
-        (tokens / f"{split}.keys.json").write_text(json.dumps([str(i) for i in range(6)]))
-    params = merge(load_params(), {"transformer": {"variant": "official", "n_layer": 2, "n_embd": 32, "n_head": 2,
-                                                   "init_from": str(runs / "transformer")}}, "test")
-    stage = TransformerStage(section(params, "transformer"), section(params, "train"), imported["vqgan"], tokens)
-    model = stage.modules["transformer"]
-    assert isinstance(model, OfficialTransformer)
-    for key, value in imported["transformer"].state_dict().items():
-        assert torch.equal(model.state_dict()[key], value), key
-    batch = next(stage.batches(0, 1, seed=0))
-    logits = model(*batch)
-    assert logits.shape == (batch[0].shape[0], 64, 32) and torch.isfinite(logits).all()
+FINETUNE = ["data.size=16", "data.min_side=16", "data.shard_size=8", "data.workers=1", "train.workers=0",
+            "train.eval_images=4", "tracking.enabled=false"]
+STEPS = 3
 
-    paper = merge(params, {"transformer": {"variant": "paper"}}, "test")
+
+@pytest.fixture(scope="module")
+def tiny_data(imported, tmp_path_factory) -> dict:
+    """16 px shards of default crops and the imported VQGAN's tokens of them: data to fine-tune on."""
+    root = tmp_path_factory.mktemp("finetune")
+    build_default_dataset(root / "images", count=32, size=16, seed=0)
+    prepare(section(params(*FINETUNE), "data"), root / "images", root / "shards", progress=False)
+    tokenize(imported["vqgan"], root / "shards", root / "tokens", batch_size=16, device=torch.device("cpu"))
+    return {"shards": root / "shards", "tokens": root / "tokens"}
+
+
+def finetuned(stage, p: dict, run_dir: Path, before: nn.Module, expected: type) -> nn.Module:
+    """Train `stage` (started from `before`'s weights) a few steps; the saved model, checked to be
+    of the `expected` class (the variant kept) with every weight finite and some moved."""
+    start = {k: v.clone() for k, v in stage.modules[stage.name].state_dict().items()}
+    assert all(torch.equal(start[k], v) for k, v in before.state_dict().items())  # init_from: the imported weights
+    train(stage, section(p, "train"), STEPS, run_dir, section(p, "tracking"), {}, device="cpu")
+    after = load_model(run_dir, expected)
+    moved = [k for k, v in after.state_dict().items() if not torch.equal(v, start[k])]
+    assert all(torch.isfinite(v).all() for v in after.state_dict().values())
+    assert len(moved) > len(start) // 2, f"only {len(moved)} of {len(start)} tensors moved"
+    return after
+
+
+def test_train_encoder_fine_tunes_the_imported_encoder(imported, tiny_data, tmp_path):
+    """encoder.init_from + encoder.variant official: the stage trains the released encoder."""
+    p = params(*FINETUNE, "encoder.variant=official", "encoder.attn_resolutions=[8]", "encoder.batch_size=4",
+               f"encoder.init_from={imported['runs'] / 'encoder'}")
+    stage = EncoderStage("restrictive", imported["vqgan"], section(p, "encoder"), section(p, "masks"),
+                         section(p, "train"), tiny_data["shards"], tiny_data["tokens"])
+    finetuned(stage, p, tmp_path / "run", imported["encoder"], OfficialRestrictiveEncoder)
+    assert saved_spec(tmp_path / "run")["encoder"]["variant"] == "official"
+
+
+def test_train_decoder_fine_tunes_the_imported_decoder(imported, tiny_data, tmp_path):
+    """decoder.init_from + decoder.variant official: the stage trains the released decoder (not
+    initialised from the VQGAN: init_from wins)."""
+    p = params(*FINETUNE, "decoder.variant=official", "decoder.batch_size=4",
+               f"decoder.init_from={imported['runs'] / 'decoder'}")
+    stage = DecoderStage(section(p, "decoder"), section(p, "masks"), section(p, "train"), section(p, "weights"),
+                         tiny_data["shards"], tiny_data["tokens"], imported["vqgan"], alpha=0.5,
+                         attn_resolutions=(8,))
+    finetuned(stage, p, tmp_path / "run", imported["decoder"], OfficialDecoder)
+
+
+def test_train_transformer_fine_tunes_the_imported_transformer(imported, tiny_data, tmp_path):
+    """transformer.init_from + transformer.variant official: the stage trains the released
+    transformer; a paper-variant stage refuses those weights."""
+    p = params(*FINETUNE, "transformer.variant=official", "transformer.n_layer=2", "transformer.n_embd=32",
+               "transformer.n_head=2", "transformer.batch_size=4",
+               f"transformer.init_from={imported['runs'] / 'transformer'}")
+    stage = TransformerStage(section(p, "transformer"), section(p, "train"), imported["vqgan"], tiny_data["tokens"])
+    finetuned(stage, p, tmp_path / "run", imported["transformer"], OfficialTransformer)
+
+    paper = merge(p, {"transformer": {"variant": "paper"}}, "test")
     with pytest.raises(ValueError, match="holds a OfficialTransformer.*builds a BidirectionalTransformer"):
-        TransformerStage(section(paper, "transformer"), section(paper, "train"), imported["vqgan"], tokens)
+        TransformerStage(section(paper, "transformer"), section(paper, "train"), imported["vqgan"], tiny_data["tokens"])

@@ -125,6 +125,21 @@ def test_a_rows_sample_does_not_depend_on_its_batch(tiny):
         assert torch.equal(alone[0], batch[row])
 
 
+def test_first_logits_computed_once_per_input_give_the_same_samples(tiny):
+    """Samples of one image share the first step's input: its logits, computed once and expanded,
+    give exactly the tokens of computing them per row (the draws stay per row)."""
+    tokens, visible = inputs(25, 50)
+    rows = torch.tensor([0, 0, 0, 1, 1])  # three samples of the first input, two of the second
+    seeds = [3, 4, 5, 3, 4]
+    plain = sample(tiny, tokens[rows], visible[rows], seeds=seeds, **SETTINGS)
+    first = tiny(tokens, visible)  # (2, N, K): once per input
+    shared = sample(tiny, tokens[rows], visible[rows], seeds=seeds, first_logits=first[rows], **SETTINGS)
+    assert torch.equal(shared, plain)
+    assert not torch.equal(plain[0], plain[1])  # and the samples differ
+    with pytest.raises(ValueError, match="first_logits must be"):
+        sample(tiny, tokens, visible, seeds=[1, 2], first_logits=first[:1], **SETTINGS)
+
+
 def test_each_row_follows_its_own_schedule_most_confident_first():
     g = torch.Generator().manual_seed(0)
     # Position p's top logit has margin p / 8 over the rest: confidence rises with position.

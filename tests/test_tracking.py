@@ -3,22 +3,28 @@ several processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 from PIL import Image
 
-from latent_inpaint import tracking
+from latent_inpaint import mlflow_store, tracking
 from latent_inpaint.config import TrackingConfig
+from latent_inpaint.stages import report
+from latent_inpaint.usage import UsageError
 
 
 def _cfg(**kw) -> TrackingConfig:
-    return TrackingConfig(**{"enabled": True, "uri": None, "experiment": "test", "log_images": True, **kw})
+    defaults = {"enabled": True, "uri": None, "experiment": "test", "log_images": True, "log_models": False}
+    return TrackingConfig(**{**defaults, **kw})
 
 
 @pytest.fixture
@@ -110,10 +116,10 @@ def test_an_invocation_is_a_parent_run_with_a_child_per_stage(workdir, monkeypat
 
 _JOB = """
 import sys
-from latent_inpaint import tracking
+from latent_inpaint import mlflow_store, tracking
 from latent_inpaint.config import TrackingConfig
 stage = sys.argv[1]
-cfg = TrackingConfig(enabled=True, uri=None, experiment="test", log_images=True)
+cfg = TrackingConfig(enabled=True, uri=None, experiment="test", log_images=True, log_models=False)
 with tracking.stage_run(stage, cfg, {"data": {"size": 64}, stage: {"steps": 2}}) as t:
     for step in range(5):
         t.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
@@ -220,7 +226,7 @@ def test_import_and_disabled_stage_do_not_import_mlflow(workdir):
         "import sys\n"
         "from latent_inpaint import tracking\n"
         "from latent_inpaint.config import TrackingConfig\n"
-        "cfg = TrackingConfig(enabled=False, uri=None, experiment='x', log_images=True)\n"
+        "cfg = TrackingConfig(enabled=False, uri=None, experiment='x', log_images=True, log_models=False)\n"
         "with tracking.stage_run('data', cfg, {}):\n"
         "    pass\n"
         "assert 'mlflow' not in sys.modules\n"
@@ -237,10 +243,215 @@ def test_unusable_store_names_uri_and_fix(workdir):
 
 
 def test_ui_command(workdir):
-    argv = tracking.ui_command(_cfg(), workdir, port=5123)
+    argv = mlflow_store.ui_command(_cfg(), workdir, port=5123)
     assert argv[1:4] == ["-m", "mlflow", "ui"]
     assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{workdir / 'mlflow.db'}"
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert argv[argv.index("--port") + 1] == "5123"
     assert argv[argv.index("--workers") + 1] == "1"
-    assert tracking.UI_ENV == {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    assert mlflow_store.UI_ENV == {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+@pytest.fixture(scope="session")
+def _empty_store(tmp_path_factory) -> Path:
+    """One migrated SQLite store with nothing in it: building one takes seconds, a copy none."""
+    db = tmp_path_factory.mktemp("template") / "mlflow.db"
+    _client(f"sqlite:///{db}").search_experiments(max_results=1)
+    return db
+
+
+@pytest.fixture
+def seed(_empty_store):
+    """seed(folder, name) puts an empty store at folder/name (default mlflow.db) and returns it."""
+    def put(folder: Path, name: str = mlflow_store.EMBEDDED_DB) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_empty_store, folder / name)
+        return folder / name
+
+    return put
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_runs_carry_the_commit_and_the_experiment_is_model_training(workdir, seed):
+    seed(workdir)
+    uri = tracking.resolve_uri(_cfg(), workdir)
+    with tracking.stage_run("data", _cfg(), {}) as t:
+        child = t.run_id
+    (parent, _), = _families(uri).values()
+    commit = _git("rev-parse", "HEAD")
+    dirty = "true" if _git("status", "--porcelain", "--untracked-files=no") else "false"
+    for run in (parent, _client(uri).get_run(child)):  # the code's checkout, not the working directory's
+        assert run.data.tags[tracking.GIT_COMMIT_TAG] == commit
+        assert run.data.tags[tracking.GIT_DIRTY_TAG] == dirty
+    exp = _client(uri).get_experiment_by_name("test")
+    assert exp.tags[mlflow_store.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_an_existing_experiment_becomes_model_training_unless_its_kind_was_chosen(workdir, seed):
+    seed(workdir)
+    uri = tracking.resolve_uri(_cfg(), workdir)
+    with tracking.stage_run("data", _cfg(), {}):
+        pass
+    client = _client(uri)
+    client.delete_experiment_tag(client.get_experiment_by_name("test").experiment_id, mlflow_store.EXPERIMENT_KIND_TAG)
+    other = client.create_experiment("chosen", tags={mlflow_store.EXPERIMENT_KIND_TAG: "genai_development"})
+    assert mlflow_store.EXPERIMENT_KIND_TAG not in client.get_experiment_by_name("test").tags  # a store made before
+
+    with tracking.stage_run("data", _cfg(), {}):
+        pass
+    with tracking.stage_run("data", _cfg(experiment="chosen"), {}):
+        pass
+    assert client.get_experiment_by_name("test").tags[mlflow_store.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert client.get_experiment(other).tags[mlflow_store.EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_git_state_without_git_or_outside_a_checkout_is_unknown(tmp_path, monkeypatch):
+    assert tracking.git_state(tmp_path) == ("unknown", "unknown")
+    assert tracking.git_state(tmp_path, REPO)[0] == _git("rev-parse", "HEAD")  # the first checkout found
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git program at all
+    assert tracking.git_state(REPO) == ("unknown", "unknown")
+    assert report.commit(REPO) == "unknown (not a git checkout)"
+
+
+@pytest.mark.parametrize("log_models", [False, True])
+def test_weights_location_as_tags_and_the_weights_on_request(workdir, seed, log_models):
+    seed(workdir)
+    final = workdir / "runs" / "vqgan" / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")
+    (final / "model.safetensors").write_bytes(b"weights")
+    uri = tracking.resolve_uri(_cfg(), workdir)
+    with tracking.stage_run("vqgan", _cfg(log_models=log_models), {}) as t:
+        t.log_weights(Path("runs/vqgan/final"))
+    tags = _client(uri).get_run(t.run_id).data.tags
+    assert tags[tracking.WEIGHTS_TAG] == str(final)
+    assert tags[tracking.WEIGHTS_DVC_TAG] == "runs/vqgan/final"
+    logged = _artifacts(uri, t.run_id, "weights/final") if log_models else []
+    assert logged == (["weights/final/config.json", "weights/final/model.safetensors"] if log_models else [])
+    assert _artifacts(uri, t.run_id) == (["weights"] if log_models else [])
+
+
+def _results(folder: Path) -> tuple[Path, Path, list[Path]]:
+    """A results/ folder as the evaluation and report stages leave it, masks/masks.png, an ablation."""
+    results, masks = folder / "results", folder / "masks"
+    (results / "plots").mkdir(parents=True)
+    masks.mkdir()
+    scores = {"fid": 12.5, "hole_psnr": 21.0, "ssim": 0.5}
+    metrics = {"ours": {"box": scores, "large": scores}, "biharmonic": {"box": {"fid": 40.0}},
+               "images": {"fid": 100}, "stand_in": ["inception"], "variant": "full"}
+    (results / "metrics.json").write_text(json.dumps(metrics))
+    (results / "metrics.md").write_text("| method | FID |\n")
+    (results / "report.md").write_text("# report\n![samples](samples.png)\n")
+    (results / "plots" / "evaluation.json").write_text("[]")
+    for png in (results / "samples.png", results / "curves.png", masks / "masks.png"):
+        Image.new("RGB", (8, 8), (0, 128, 255)).save(png)
+    ablation = results / "ablations" / "no_refiner.json"
+    ablation.parent.mkdir()
+    ablation.write_text(json.dumps({"ours": {"box": {"fid": 14.0}}, "variant": "no_refiner"}))
+    return results, masks, [ablation]
+
+
+def test_report_logs_results_to_the_pipeline_run(workdir, seed, monkeypatch):
+    seed(workdir)
+    monkeypatch.setenv(tracking.INVOCATION_ENV, "feedfacecafe")
+    uri = tracking.resolve_uri(_cfg(), workdir)
+    with tracking.stage_run("evaluate_full", _cfg(), {}):
+        pass
+    results, masks, ablations = _results(workdir)
+    with tracking.invocation_run(_cfg()) as t:
+        report.log_results(t, results, masks, ablations)
+
+    (parent, children), = _families(uri).values()
+    assert t.run_id == parent.info.run_id and list(children) == ["evaluate_full"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics == {
+        "evaluate/ours/box/fid": 12.5, "evaluate/ours/box/hole_psnr": 21.0, "evaluate/ours/box/ssim": 0.5,
+        "evaluate/ours/large/fid": 12.5, "evaluate/ours/large/hole_psnr": 21.0, "evaluate/ours/large/ssim": 0.5,
+        "evaluate/biharmonic/box/fid": 40.0, "evaluate/images/fid": 100.0,
+        "ablation/no_refiner/ours/box/fid": 14.0,
+    }  # fmt: skip
+    run_id = parent.info.run_id
+    assert _artifacts(uri, run_id) == ["evaluation", "report"]
+    assert _artifacts(uri, run_id, "report") == [f"report/{n}" for n in ("curves.png", "masks.png", "report.md",
+                                                                          "samples.png")]
+    assert _artifacts(uri, run_id, "evaluation") == ["evaluation/ablation", "evaluation/evaluate.json",
+                                                     "evaluation/metrics.md", "evaluation/plots"]
+    local = _client(uri).download_artifacts(run_id, "evaluation/evaluate.json", str(workdir / "dl"))
+    assert json.loads(Path(local).read_text()) == json.loads((results / "metrics.json").read_text())
+
+
+def test_a_moved_or_copied_project_reads_and_writes_its_own_artifacts(tmp_path, seed, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    old = tmp_path / "old"
+    seed(old)
+    note = old / "note.txt"
+    note.write_text("logged before the move")
+    with tracking.stage_run("data", _cfg(), {}, old) as t:
+        t.log_artifact(note)
+        first = t.run_id
+
+    moved, copied = tmp_path / "moved", tmp_path / "copied"
+    shutil.copytree(old, copied)
+    old.rename(moved)
+    for project in (moved, copied):
+        with tracking.stage_run("data", _cfg(), {}, project) as t:
+            t.log_artifact(project / "note.txt", "again")
+        uri = tracking.resolve_uri(_cfg(), project)
+        client = _client(uri)
+        assert client.get_run(first).info.artifact_uri == (project / "mlruns" / first / "artifacts").as_uri()
+        back = client.download_artifacts(first, "note.txt", str(tmp_path / f"dl-{project.name}"))
+        assert Path(back).read_text() == "logged before the move"
+        assert (project / "mlruns" / t.run_id / "artifacts" / "again" / "note.txt").is_file()
+        exp = client.get_experiment_by_name("test")
+        assert exp.artifact_location == (project / "mlruns").as_uri()
+    assert not old.exists()  # nothing was written to the old folder
+    assert sorted(p.name for p in (copied / "mlruns").iterdir() if p.is_dir()) != sorted(
+        p.name for p in (moved / "mlruns").iterdir() if p.is_dir())  # each wrote its own new run
+
+
+def test_repoint_leaves_other_locations_alone(tmp_path, seed):
+    seed(tmp_path, "a.db")
+    with tracking.stage_run("data", _cfg(uri=f"sqlite:///{tmp_path / 'a.db'}"), {}, tmp_path):
+        pass
+    client = _client(f"sqlite:///{tmp_path / 'a.db'}")
+    elsewhere = client.create_experiment("elsewhere", artifact_location="file:///srv/artifacts/x")
+    assert mlflow_store.repoint_artifacts(tmp_path / "a.db") == 0
+    assert client.get_experiment(elsewhere).artifact_location == "file:///srv/artifacts/x"
+
+
+def test_ui_refuses_a_store_that_does_not_exist(tmp_path, seed, monkeypatch, capsys):
+    from latent_inpaint import cli
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    seed(project)
+    elsewhere.mkdir()
+    shutil.copyfile(REPO / "params.yaml", project / "params.yaml")
+    with tracking.stage_run("data", _cfg(), {}, project):
+        pass
+    monkeypatch.chdir(elsewhere)
+
+    assert cli.main(["mlflow-ui", "--params", str(project / "params.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert str(elsewhere / "mlflow.db") in err and f"there is one at {project / 'mlflow.db'}" in err
+    assert list(elsewhere.iterdir()) == []  # no empty store made
+    with pytest.raises(UsageError, match="no MLflow store at"):
+        mlflow_store.ui_url(_cfg(), elsewhere)
+
+
+def test_ui_url_opens_the_runs_in_the_training_view(workdir, seed):
+    seed(workdir)
+    with tracking.stage_run("data", _cfg(), {}):
+        pass
+    client = _client(tracking.resolve_uri(_cfg(), workdir))
+    exp = client.get_experiment_by_name("test")
+    client.delete_experiment_tag(exp.experiment_id, mlflow_store.EXPERIMENT_KIND_TAG)
+    url = mlflow_store.ui_url(_cfg(), workdir, port=5123)
+    assert url == f"http://127.0.0.1:5123/#/experiments/{exp.experiment_id}?workflowType=machine_learning"
+    assert client.get_experiment(exp.experiment_id).tags[mlflow_store.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    no_experiment = mlflow_store.ui_url(_cfg(experiment="none yet"), workdir, port=5123)
+    assert no_experiment == "http://127.0.0.1:5123/#/experiments?workflowType=machine_learning"
+    assert mlflow_store.ui_url(_cfg(uri="http://team.example:5000"), workdir, port=5123) == "http://127.0.0.1:5123/"

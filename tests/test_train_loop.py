@@ -19,7 +19,7 @@ from loop_stage import IN, NO_TRACKING, OUT, TinyStage, train_config
 from latent_inpaint.config import TrackingConfig
 from latent_inpaint.saved import load_weights
 from latent_inpaint.train import CheckpointMismatch, scaled_lr, train
-from latent_inpaint.train.step import precision_for, resolve_precision
+from latent_inpaint.precision import precision_for, resolve_precision
 
 SCRIPT = Path(__file__).with_name("loop_stage.py")
 PYTHON = Path(sys.executable)
@@ -65,7 +65,8 @@ def wait_for(predicate, proc: subprocess.Popen, log: Path, what: str, timeout: f
 def test_loss_falls_outputs_written_tracked_and_rerun_is_a_no_op(tmp_path):
     stage = TinyStage()
     before = stage.evaluate(stage.modules)["val_mse"]
-    tracking = TrackingConfig(enabled=True, uri=f"sqlite:///{tmp_path}/m.db", experiment="test", log_images=True)
+    tracking = TrackingConfig(enabled=True, uri=f"sqlite:///{tmp_path}/m.db", experiment="test", log_images=True,
+                              log_models=False)
     cfg = train_config(log_every=10, checkpoint_every=50, image_every=50)
     metrics = train(stage, cfg, 100, tmp_path / "run", tracking, {"tiny": {"hidden": 32}}, device="cpu")
 
@@ -78,7 +79,7 @@ def test_loss_falls_outputs_written_tracked_and_rerun_is_a_no_op(tmp_path):
     assert final["models"] == {name: m.spec() for name, m in stage.modules.items()}  # what rebuilds them
     assert read_json(tmp_path / "run" / "checkpoint" / "config.json")["step"] == 100
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == [
-        "checkpoint", "final", "history.jsonl", "metrics.json",
+        "checkpoint", "curves.json", "final", "history.jsonl", "metrics.json",
     ]  # fmt: skip
 
     fresh = TinyStage(seed=1)
@@ -94,6 +95,7 @@ def test_loss_falls_outputs_written_tracked_and_rerun_is_a_no_op(tmp_path):
     parent, run = sorted(runs, key=lambda r: "mlflow.parentRunId" in r.data.tags)  # the stage's child run
     assert run.info.run_name == "tiny" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert run.data.params == {"tiny.hidden": "32"}
+    assert run.data.tags["latent_inpaint.weights"] == str((tmp_path / "run" / "final").resolve())
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/gen")] == list(range(10, 101, 10))
     assert client.get_metric_history(run.info.run_id, "eval/val_mse")[-1].value == metrics["eval"]["val_mse"]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "pictures")} == {
@@ -200,6 +202,12 @@ def test_kill_and_resume(tmp_path):
     assert final["step"] == 40 and final["resumed_from"] == [killed_at]
     assert read_json(run / "metrics.json")["step"] == 40
     assert not junk.exists()
+    # history.jsonl repeats the steps logged after the checkpoint the rerun resumed from;
+    # curves.json (what `dvc plots` reads) holds each logged step once, the resumed run's record.
+    logged = [json.loads(line)["step"] for line in (run / "history.jsonl").read_text().splitlines()]
+    curves = read_json(run / "curves.json")
+    assert [r["step"] for r in curves] == list(range(2, 41, 2)) and len(logged) >= len(curves)
+    assert curves[-1] == json.loads((run / "history.jsonl").read_text().splitlines()[-1])
 
 
 def test_interrupted_swap_restores_the_previous_checkpoint_and_more_steps_extend_a_run(tmp_path):
@@ -212,7 +220,7 @@ def test_interrupted_swap_restores_the_previous_checkpoint_and_more_steps_extend
     assert metrics["step"] == 6
     assert read_json(run / "final" / "config.json")["resumed_from"] == [4]
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == [
-        "checkpoint", "final", "history.jsonl", "metrics.json",
+        "checkpoint", "curves.json", "final", "history.jsonl", "metrics.json",
     ]  # fmt: skip
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -183,13 +184,31 @@ def test_snakemake_runs_tracks_and_reruns_only_what_changed(tmp_path):
     bad = sh(project, "snakemake", "--cores", "2", "--config", "data={sise: 3}", ok=False)
     assert bad.returncode != 0 and "unknown key(s) in data: sise" in bad.stdout
 
+    # The README's route for a Snakemake-made run: `dvc commit --force` records it in dvc.lock.
+    sh(project, "git", "init", "-q")
+    assert dvc_changed(project) >= {"prepare", "vqgan", "decoder", "report"}  # no dvc.lock yet
+    sh(project, "dvc", "commit", "--force")
+    assert "Data and pipelines are up to date" in sh(project, "dvc", "status").stdout
+    assert "Data and pipelines are up to date" in sh(project, "dvc", "repro").stdout  # retrains nothing
+
+
+PLAIN_PATH = "/usr/bin:/bin"  # a plain shell's: no venv activated
+
 
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory) -> Path:
-    """A tiny project that `dvc repro` has run end to end, committed to git with its dvc.lock."""
+    """A tiny project that `dvc repro` has run end to end, from a plain shell (its .venv not
+    activated: dvc.yaml's commands find it), with its dvc.lock."""
     project = make_project(tmp_path_factory.mktemp("reproduced") / "project")
     sh(project, "git", "init", "-q")
-    sh(project, "dvc", "repro")
+    (project / ".venv").symlink_to(sys.prefix)  # the project's environment, as workflow/setup.sh makes it
+    with open(project / ".git/info/exclude", "a") as f:
+        f.write(".venv\n")  # .gitignore's `.venv/` matches the folder, not this link to it
+    assert not any(shutil.which(tool, path=PLAIN_PATH) for tool in ("snakemake", "latent-inpaint"))
+    env = {"PATH": PLAIN_PATH, "HOME": os.environ.get("HOME", "/root")}
+    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=project, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=3000, check=False)
+    assert proc.returncode == 0, proc.stdout[-5000:]
     return project
 
 
@@ -335,3 +354,77 @@ def test_a_code_edit_reruns_exactly_the_rules_that_run_that_code(reproduced):
     edit(src / "cli.py", None, "\nEDITED_FOR_THE_TEST = True\n")
     assert "Nothing to be done" in sh(project, "snakemake", "--cores", "2", "--dry-run").stdout
     assert dvc_changed(project) == set()
+
+
+def test_dvc_plots_and_metrics_show_every_curve_and_result(reproduced, tmp_path):
+    """`dvc plots show` draws each training run's curves and the evaluation's and ablations'
+    numbers; `dvc metrics` reads every metrics file, so `dvc metrics diff` compares them."""
+    project = reproduced
+    declared = yaml.safe_load((project / "dvc.yaml").read_text())
+    curves = [(path, spec) for plot in declared["plots"] for path, spec in plot.items() if path.endswith("curves.json")]
+    assert {path.split("/")[1] for path, _ in curves} == {"vqgan", "encoder", "transformer", "decoder"}
+    for path, spec in curves:  # the fields dvc.yaml names are in every record the run wrote
+        records = json.loads((project / path).read_text())
+        assert records and all({spec["x"], *spec["y"]} <= set(r) and r[spec["y"][0]] is not None for r in records)
+
+    page = sh(project, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
+    assert "WARNING" not in page.stdout and "ERROR" not in page.stdout, page.stdout
+    html = (tmp_path / "plots/index.html").read_text()
+    for path, spec in curves:
+        first = json.loads((project / path).read_text())[0]
+        assert all(f'"{field}": {first[field]}' in html for field in spec["y"]), (path, spec["y"])
+    for name in ("ours, box", "biharmonic (classical), small", *TINY["evaluate"]["ablations"]):
+        assert f'"{name}"' in html, name
+
+    shown = json.loads(sh(project, "dvc", "metrics", "show", "--json").stdout)
+    files = {f for rev in shown.values() for f in rev["data"]}
+    assert files >= {"results/metrics.json", "data/tokens/metrics.json",
+                     *(f"runs/{s}/metrics.json" for s in ("vqgan", "encoder", "transformer", "decoder")),
+                     *(f"results/ablations/{v}.json" for v in TINY["evaluate"]["ablations"])}, files
+
+    if sh(project, "git", "rev-parse", "--verify", "-q", "HEAD", ok=False).returncode:  # run alone: commit here
+        sh(project, "git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "add", "-A")
+        sh(project, "git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-q", "-m", "run")
+    ablation = project / "results/ablations/full.json"
+    recorded = ablation.read_bytes()
+    result = json.loads(recorded)
+    (method,) = [m for m, r in result.items() if isinstance(r, dict) and "box" in r]
+    result[method]["box"]["fid"] += 1.0
+    ablation.write_text(json.dumps(result))
+    try:
+        diff = json.loads(sh(project, "dvc", "metrics", "diff", "--json").stdout)
+    finally:
+        ablation.write_bytes(recorded)
+    assert diff["results/ablations/full.json"][f"{method}.box.fid"]["diff"] == pytest.approx(1.0)
+
+
+def snakemake_report(project: Path, out: Path) -> dict[str, str]:
+    """`snakemake --report` of a finished project: the results it lists, path -> caption."""
+    sh(project, "snakemake", "--report", str(out))
+    html = out.read_text()
+    return dict(re.findall(r'"([^"]+)": \{"name": "[^"]+", "filename"[^}]*?"caption": "((?:[^"\\]|\\.)*)"', html))
+
+
+def test_snakemake_report_lists_the_results_with_captions(reproduced, tmp_path):
+    results = snakemake_report(reproduced, tmp_path / "report.html")
+    expected = {"results/report.md", "results/samples.png", "results/curves.png", "results/table1.md",
+                "results/metrics.json", "data/masks/masks.png",
+                *(f"results/ablations/{v}.json" for v in TINY["evaluate"]["ablations"])}
+    assert set(results) == expected, results.keys()
+    assert all(caption.startswith("<p>") for caption in results.values())
+    assert "t0.5" in results["results/ablations/t0.5.json"]  # the caption names its wildcard
+
+
+def test_snakemake_report_in_a_browser(reproduced, tmp_path):
+    """The report's page in headless Chromium: a picture, not a blank page, whose menu lists the
+    results' categories."""
+    from browser import assert_not_blank, browser, render
+
+    browser()
+    report = tmp_path / "report.html"
+    snakemake_report(reproduced, report)
+    dom = render(report, tmp_path / "report.png", wait_ms=5000)
+    assert_not_blank(tmp_path / "report.png")
+    dom = re.sub(r"<(script|style)\b.*?</\1>", "", dom, flags=re.S)
+    text = " ".join(re.sub(r"<[^>]+>", " ", dom).split())
+    assert all(category in text for category in ("Evaluation masks", "Evaluation", "Ablations", "Report")), text[:2000]

@@ -28,11 +28,12 @@ from pathlib import Path
 
 from latent_inpaint import layout  # every path the pipeline writes, spelled once
 from latent_inpaint.data.ingest import SPLITS  # every split gets its tokens, even an empty one
-from latent_inpaint.layout import final, run_dir
+from latent_inpaint.layout import CURVES, PLOTS, final, run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "latent_inpaint"
 SRC = Path("src") / PACKAGE  # relative to the project folder
+LAUNCHER = "workflow/snakemake.sh"  # runs Snakemake with the project's interpreter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,8 @@ class Stage:
     needs: tuple[str, ...]  # rules whose outputs it reads
     done: tuple[str, ...]  # what Snakemake tracks: the rule's output files
     outs: tuple[str, ...]  # what DVC versions: the folders and files the rule makes
-    metrics: tuple[str, ...] = ()  # DVC metrics files among them
+    metrics: tuple[str, ...] = ()  # the metrics files it writes (`dvc metrics`), among its outs or in them
+    curves: tuple[str, ...] = ()  # fields of every record of runs/<stage>/curves.json that `dvc plots` draws
     resources: str = "light"  # the params.yaml resources kind: train | infer | light
     made: tuple[str, ...] = ()  # more files it makes, read by no rule by name: outputs and readers' inputs
 
@@ -53,15 +55,26 @@ class Stage:
         return (*self.done, *self.made)
 
 
+def _weights(stage: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f"{run_dir(stage)}/final/{name}.safetensors" for name in names)
+
+
 def _trained(entry: str, params: tuple[str, ...], needs: tuple[str, ...], stage: str,
-             weights: tuple[str, ...]) -> Stage:
-    """final/config.json stands for the stage (written last); its weights files are outputs too."""
-    made = tuple(f"{run_dir(stage)}/final/{name}.safetensors" for name in weights)
-    return Stage(entry, params, needs, (final(stage),), (run_dir(stage),), resources="train", made=made)
+             weights: tuple[str, ...], curves: tuple[str, ...]) -> Stage:
+    """final/config.json stands for the stage (written last); its weights files are outputs too.
+    `curves`: the logged fields plotted against the step (present from the first logged step on)."""
+    made = _weights(stage, weights)
+    return Stage(entry, params, needs, (final(stage),), (run_dir(stage),), metrics=(f"{run_dir(stage)}/metrics.json",),
+                 curves=curves, resources="train", made=made)
 
 
 RESULTS = layout.RESULTS
+ENCODER_CURVES = ("loss/encoder", "accuracy", "partial_accuracy")
 MODEL = ("vqgan", "encoder", "transformer", "decoder")  # the parts inference loads
+IMPORTED = (*MODEL, "refiner")  # the model folders `import-official` writes (stages/official.py STAGES)
+IMPORT = "import_official"  # pretrained.official: this rule in place of TRAINING's (see `pipeline`)
+TRAINING = ("vqgan", "tokens", "encoder", "encoder_vanilla", "transformer", "decoder")
+TRAINING_CURVES = f"{layout.RESULTS}/curves.png"  # made by the report only when something was trained here
 STAGES = {
     "default_data": Stage("data/default.py", ("data.default_count", "data.size", "data.default_seed"), (),
                           (layout.DEFAULT_DATA,), (layout.DEFAULT_DATA,)),
@@ -70,39 +83,81 @@ STAGES = {
     "masks": Stage("stages/masks.py", ("masks",), ("prepare",),
                    (f"{layout.MASKS}/manifest.json", f"{layout.MASKS}/masks.png"), (layout.MASKS,)),
     # An imported VQGAN (vqgan.pretrained) has no discriminator: only vqgan.safetensors is sure.
-    "vqgan": _trained("stages/vqgan.py", ("vqgan", "train", "weights"), ("prepare",), "vqgan", ("vqgan",)),
+    "vqgan": _trained("stages/vqgan.py", ("vqgan", "train", "weights"), ("prepare",), "vqgan", ("vqgan",),
+                      ("loss/vqgan", "rec_loss", "codebook_loss")),
     "tokens": Stage("stages/tokens.py", (), ("prepare", "vqgan"), (f"{layout.TOKENS}/metrics.json",),
-                    (layout.TOKENS,), resources="infer",
+                    (layout.TOKENS,), metrics=(f"{layout.TOKENS}/metrics.json",), resources="infer",
                     made=tuple(f"{layout.TOKENS}/{split}.{ext}" for split in SPLITS for ext in ("npy", "keys.json"))),
     "encoder": _trained("stages/encoder.py", ("encoder", "masks", "train"), ("prepare", "tokens", "vqgan"),
-                        "encoder", ("encoder",)),
+                        "encoder", ("encoder",), ENCODER_CURVES),
     "encoder_vanilla": _trained("stages/encoder.py", ("encoder", "masks", "train"),
-                                ("prepare", "tokens", "vqgan"), "encoder_vanilla", ("encoder",)),
+                                ("prepare", "tokens", "vqgan"), "encoder_vanilla", ("encoder",), ENCODER_CURVES),
     "transformer": _trained("stages/transformer.py", ("transformer", "train"), ("tokens", "vqgan"),
-                            "transformer", ("transformer",)),
+                            "transformer", ("transformer",), ("loss/transformer", "masked_accuracy")),
     "decoder": _trained("stages/decoder.py", ("decoder", "masks", "train", "weights", "encoder"),
-                        ("prepare", "tokens", "vqgan"), "decoder", ("decoder", "disc")),
+                        ("prepare", "tokens", "vqgan"), "decoder", ("decoder", "disc"),
+                        ("loss/decoder", "loss/disc", "hole_l1", "perceptual")),
+    # The authors' released models; the specs it writes take the sections' settings.
+    IMPORT: Stage("stages/official.py", ("pretrained", "vqgan", "encoder", "transformer"), (),
+                  tuple(final(s) for s in IMPORTED), tuple(run_dir(s) for s in IMPORTED),  # no GPU needed
+                  made=tuple(f for s in IMPORTED for f in _weights(s, (s,)))),
     "evaluate": Stage("stages/evaluate.py", ("sample", "evaluate", "weights"), ("prepare", "masks", *MODEL),
                       (f"{RESULTS}/metrics.json", f"{RESULTS}/table1.md"), (f"{RESULTS}/table1.md",),
                       metrics=(f"{RESULTS}/metrics.json",), resources="infer"),
     # One job per name in evaluate.ablations ({variant}); vanilla_encoder also needs encoder_vanilla.
     "ablation": Stage("stages/evaluate.py", ("sample", "evaluate", "weights"), ("prepare", "masks", *MODEL),
-                      (f"{RESULTS}/ablations/{{variant}}.json",), (f"{RESULTS}/ablations/{{variant}}.json",),
+                      (f"{RESULTS}/ablations/{{variant}}.json",), (),
+                      metrics=(f"{RESULTS}/ablations/{{variant}}.json",),
                       resources="infer"),
     "report": Stage("stages/report.py", ("sample",), ("prepare", "masks", *MODEL, "evaluate", "ablation"),
                     (f"{RESULTS}/report.md", f"{RESULTS}/samples.png"),
-                    (f"{RESULTS}/report.md", f"{RESULTS}/samples.png", f"{RESULTS}/curves.png"),
-                    made=(f"{RESULTS}/curves.png",)),
+                    (f"{RESULTS}/report.md", f"{RESULTS}/samples.png", TRAINING_CURVES, f"{RESULTS}/{PLOTS}"),
+                    made=(TRAINING_CURVES, f"{RESULTS}/{PLOTS}/evaluation.json",
+                          f"{RESULTS}/{PLOTS}/ablations.json")),
 }
 EXTRA_NEEDS = {"vanilla_encoder": "encoder_vanilla"}  # ablation variant -> the extra stage it needs
 
 
-def ablation_needs(variant: str) -> tuple[str, ...]:
-    return (*STAGES["ablation"].needs, *([EXTRA_NEEDS[variant]] if variant in EXTRA_NEEDS else []))
+def skipped_ablations(config: dict) -> dict[str, str]:
+    """evaluate.ablations this config cannot score, with the reason: with the authors' models
+    imported, those that need a part trained here (the vanilla encoder: the release has none)."""
+    if not config["pretrained"]["official"]:
+        return {}
+    return {v: f"needs the {EXTRA_NEEDS[v]} rule's model, trained here; the authors released none and "
+               "pretrained.official trains nothing" for v in config["evaluate"]["ablations"] if v in EXTRA_NEEDS}
+
+
+def ablations(config: dict) -> list[str]:
+    """The evaluate.ablations this config scores."""
+    return [v for v in config["evaluate"]["ablations"] if v not in skipped_ablations(config)]
+
+
+def pipeline(config: dict) -> dict[str, Stage]:
+    """The rules this config runs. With pretrained.official, import_official in place of the
+    training rules, what read their models reads the import, and the report draws no training
+    curves; encoder_vanilla only for its ablation."""
+    imported = bool(config["pretrained"]["official"])
+    extra = {EXTRA_NEEDS[v] for v in ablations(config) if v in EXTRA_NEEDS}
+    rules = {}
+    for rule, stage in STAGES.items():
+        if (rule == IMPORT and not imported) or (imported and rule in TRAINING):
+            continue  # the import or the training, never both
+        if rule in EXTRA_NEEDS.values() and rule not in extra:
+            continue
+        if imported:
+            needs = tuple(dict.fromkeys(IMPORT if need in TRAINING else need for need in stage.needs))
+            files = {k: tuple(f for f in getattr(stage, k) if f != TRAINING_CURVES) for k in ("done", "outs", "made")}
+            stage = dataclasses.replace(stage, needs=needs, **files)
+        rules[rule] = stage
+    return rules
+
+
+def ablation_needs(variant: str, config: dict) -> tuple[str, ...]:
+    return (*pipeline(config)["ablation"].needs, *([EXTRA_NEEDS[variant]] if variant in EXTRA_NEEDS else []))
 
 
 def ablation_files(config: dict) -> list[str]:
-    return [STAGES["ablation"].done[0].format(variant=v) for v in config["evaluate"]["ablations"]]
+    return [STAGES["ablation"].done[0].format(variant=v) for v in ablations(config)]
 
 
 def targets(config: dict) -> list[str]:
@@ -110,11 +165,9 @@ def targets(config: dict) -> list[str]:
     only when something asks for that file, so asking for all of them is what makes deleting any
     one rerun the rule that makes it (and, its outputs now newer, the rules downstream)."""
     files: list[str] = []
-    for rule, stage in STAGES.items():
+    for rule, stage in pipeline(config).items():
         if rule == "default_data" and config["data"]["source"] != "default":
             continue  # a data.source of the user's own
-        if rule == "encoder_vanilla" and not any(v in EXTRA_NEEDS for v in config["evaluate"]["ablations"]):
-            continue  # trained only for the vanilla_encoder ablation
         files += ablation_files(config) if rule == "ablation" else stage.outputs
     return files
 
@@ -124,7 +177,8 @@ def inputs(rule: str, config: dict, variant: str | None = None) -> dict[str, str
     it has several; every ablation's, for the report), and its `made` files as `<rule>_files`;
     `source` is the data folder, the default dataset or a data.source of the user's own."""
     files: dict[str, str | list[str]] = {}
-    for need in ablation_needs(variant) if variant else STAGES[rule].needs:
+    # A rule this config does not run (encoder_vanilla without its ablation) keeps its own needs.
+    for need in ablation_needs(variant, config) if variant else pipeline(config).get(rule, STAGES[rule]).needs:
         if need == "default_data":
             source = config["data"]["source"]
             files["source"] = STAGES[need].done[0] if source == "default" else source
@@ -136,7 +190,17 @@ def inputs(rule: str, config: dict, variant: str | None = None) -> dict[str, str
             if STAGES[need].made:
                 # Snakemake reruns a job for a missing output only when a reader asks for it.
                 files[f"{need}_files"] = list(STAGES[need].made)
+    if rule == IMPORT:  # the user's files, like a data.source: Snakemake reads them, DVC does not hash them
+        files["checkpoints"] = released_files(config)
     return files
+
+
+def released_files(config: dict) -> list[str]:
+    """The authors' files the import reads: pretrained.model's, in the pretrained.official folder."""
+    from latent_inpaint.stages.official import SOURCES  # torch and the models: only for this rule
+
+    folder = Path(config["pretrained"]["official"])
+    return sorted({str(folder / name) for name, _ in SOURCES[config["pretrained"]["model"]].values()})
 
 
 # ---------------------------------------------------------------------------------- the code
@@ -220,45 +284,75 @@ def code_digest(rule: str, root: Path = ROOT) -> str:
 # ---------------------------------------------------------------------------------- dvc.yaml
 
 
-def _dvc_stage(rule: str, target: str, needs: tuple[str, ...], outs: tuple[str, ...], config: dict,
+def _dvc_stage(rule: str, target: str, needs: tuple[str, ...], variant: str | None, config: dict,
                root: Path) -> dict:
     stage = STAGES[rule]
     deps = []
     for need in needs:
         if need == "default_data" and config["data"]["source"] != "default":
             continue  # a data.source of the user's own: Snakemake reads it, DVC does not hash it
-        deps += [o.format(variant=v) for o in STAGES[need].outs
-                 for v in (config["evaluate"]["ablations"] if need == "ablation" else [None])]
+        deps += [o.format(variant=v) for o in (*STAGES[need].outs, *_own_metrics(need))
+                 for v in (ablations(config) if need == "ablation" else [None])]
+    own = [m.format(variant=variant) for m in _own_metrics(rule)]
     return {
-        "cmd": f"snakemake --cores all {target}",
+        "cmd": f"sh {LAUNCHER} --cores all {target}",
         "deps": [*deps, *code_files(rule, root)],
         **({"params": list(stage.params)} if stage.params else {}),
-        "outs": [{o: {"persist": True}} for o in outs],
-        **({"metrics": [{m: {"persist": True}} for m in stage.metrics]} if stage.metrics else {}),
+        **({"outs": [{o: {"persist": True}} for o in stage.outs]} if stage.outs else {}),
+        **({"metrics": [{m: {"persist": True}} for m in own]} if own else {}),
     }
+
+
+def _inside(path: str, folders: tuple[str, ...]) -> bool:
+    return any(path.startswith(f"{folder}/") for folder in folders)
+
+
+def _own_metrics(rule: str) -> list[str]:
+    """The rule's metrics files that are outputs of their own (not inside one of its folders)."""
+    return [m for m in STAGES[rule].metrics if not _inside(m, STAGES[rule].outs)]
+
+
+def _plots(rules: list[str]) -> list[dict]:
+    """`dvc plots`: each training run's curves against the step; the evaluation's and the
+    ablations' numbers as bars (the report stage writes them as records)."""
+    plots: list[dict] = [{f"{run_dir(r)}/{CURVES}": {"x": "step", "y": list(STAGES[r].curves),
+                                                     "title": f"{r} training"}} for r in rules if STAGES[r].curves]
+    records = f"{RESULTS}/{PLOTS}"
+    for field, title in (("fid", "FID (lower is better)"), ("hole_psnr", "PSNR in the hole, dB")):
+        plots.append({f"evaluation {field}": {"template": "bar_horizontal", "x": field,
+                                              "y": {f"{records}/evaluation.json": "result"}, "title": title}})
+        plots.append({f"ablations {field}": {"template": "bar_horizontal", "x": field,
+                                             "y": {f"{records}/ablations.json": "variant"},
+                                             "title": f"ablations (box mask): {title}"}})
+    return plots
 
 
 def dvc_yaml(config: dict, root: Path = ROOT) -> str:
     """dvc.yaml for these params: one DVC stage per Snakemake job, whose cmd is that job's
     Snakemake target, deps the outputs it reads and the code it runs, params its sections, and
-    outs persistent so that Snakemake's own incremental logic decides what is recomputed."""
+    outs persistent so that Snakemake's own incremental logic decides what is recomputed.
+    Top-level `metrics:` name the metrics files inside output folders (runs/*/metrics.json,
+    data/tokens/metrics.json), so that `dvc metrics diff` compares every one; `plots:` the
+    training curves and the evaluation."""
     import yaml
 
-    variants = config["evaluate"]["ablations"]
-    stages = {}
-    for rule, stage in STAGES.items():
-        if rule == "encoder_vanilla" and not any(v in EXTRA_NEEDS for v in variants):
-            continue  # trained only for the vanilla_encoder ablation, as in Snakemake's DAG
+    variants = ablations(config)
+    stages, rules = {}, []
+    for rule, stage in pipeline(config).items():  # the rules of Snakemake's DAG
+        rules.append(rule)
         if rule == "ablation":
             for v in variants:
                 target = stage.done[0].format(variant=v)
-                stages[f"ablation_{v}"] = _dvc_stage(rule, target, ablation_needs(v), (target,), config, root)
+                stages[f"ablation_{v}"] = _dvc_stage(rule, target, ablation_needs(v, config), v, config, root)
         else:
-            stages[rule] = _dvc_stage(rule, stage.done[0], stage.needs, stage.outs, config, root)
+            stages[rule] = _dvc_stage(rule, stage.done[0], stage.needs, None, config, root)
+    inside = [m for r in rules for m in STAGES[r].metrics if _inside(m, STAGES[r].outs)]
     head = ("# Generated by `python workflow/dag.py > dvc.yaml` from workflow/dag.py and params.yaml: do not\n"
             "# edit. DVC versions what the Snakemake rules make; each stage's cmd is the Snakemake target of\n"
-            "# its rule, so `dvc repro` runs the same rules (see README, Artifacts with DVC).\n")
-    return head + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)
+            f"# its rule, run by {LAUNCHER} (the project's .venv without activating it), so `dvc repro`\n"
+            "# runs the same rules (see README, Artifacts with DVC).\n")
+    return head + yaml.safe_dump({"stages": stages, "metrics": inside, "plots": _plots(rules)}, sort_keys=False,
+                                 width=120)
 
 
 def load_config(params: Path) -> dict:

@@ -9,12 +9,13 @@ work anywhere. Each command parses its options, calls one library function and p
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
-from . import layout, usage
-from .config import ABLATIONS, ConfigError, section, validate
+from . import __version__, layout, usage
+from .config import ABLATIONS, OFFICIAL_MODELS, ConfigError, section, validate
 from .masks import KINDS
 from .params import PACKAGED_PARAMS, default_params_file, load_params
 from .usage import UsageError, at_least, fraction, positive_float
@@ -112,7 +113,7 @@ def cmd_figure_alpha(args) -> str:
 
 
 def cmd_inpaint(args) -> None:
-    from .inpaint import run
+    from .stages.inpaint import run
 
     params = _params(args)
     cfg = usage.sample_config(section(params, "sample"), **{k: vars(args)[k] for k in SAMPLE_OPTIONS})
@@ -132,26 +133,25 @@ def cmd_report(args) -> str:
     from .stages import report
 
     return report.run(_params(args), args.results, args.runs, args.shards, args.masks, ablations=args.ablations,
-                      device=args.device)
+                      skipped=args.skipped_ablations, device=args.device)
 
 
 def cmd_mlflow_ui(args) -> None:
-    from .tracking import UI_ENV, tracking_config, ui_command
+    from .mlflow_store import UI_ENV, ui_command, ui_url
+    from .tracking import tracking_config
 
-    argv = ui_command(tracking_config(_params(args)), Path.cwd(), port=args.port)
+    cfg = tracking_config(_params(args))
+    url = ui_url(cfg, Path.cwd(), args.port, elsewhere=[Path(f).resolve().parent for f in args.params or ()])
+    argv = ui_command(cfg, Path.cwd(), port=args.port)
     print("starting:", " ".join(argv), flush=True)
+    print(f"open {url} (the runs, in MLflow's Model training view)", flush=True)
     os.execve(argv[0], argv, {**os.environ, **UI_ENV})
-
-
-FOLDERS = {"runs": layout.RUNS, "vqgan": layout.run_dir("vqgan"), "shards": layout.SHARDS, "tokens": layout.TOKENS,
-           "masks": layout.MASKS}
 
 
 def _folders(p: argparse.ArgumentParser, *names: str, **defaults: str) -> None:
     """--<name> options for the usual project folders, and for others with the defaults given."""
-    for name, default in [*((n, FOLDERS[n]) for n in names), *defaults.items()]:
-        p.add_argument(f"--{name.replace('_', '-')}", type=Path, default=Path(default),
-                       help="folder holding vqgan/ encoder/ transformer/ decoder/" if name == "runs" else None)
+    for name, default in [*((n, usage.FOLDERS[n]) for n in names), *defaults.items()]:
+        p.add_argument(f"--{name.replace('_', '-')}", type=Path, default=Path(default), help=usage.FOLDER_HELP[name])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--params", action="append", metavar="FILE",
                         help="parameter file; repeat to overlay (default: ./params.yaml, else the package's defaults)")
     common.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one parameter, e.g. --set data.size=128")
-    common.add_argument("--config-json", metavar="JSON", help="whole sections as JSON (used by Snakemake rules)")
+                        help="override one parameter, e.g. --set data.size=128; repeatable (default: none)")
+    common.add_argument("--config-json", metavar="JSON", help="sections as JSON, for Snakemake rules (default: none)")
     common.add_argument("--quiet", action="store_true", help="no progress bar")
     device = argparse.ArgumentParser(add_help=False)
     device.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the local GPU if any)")
@@ -170,18 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
                                "and train afresh (default: refuse, naming the differences)")
     training.add_argument("--processes", type=at_least(1), default=1, metavar="N",
                           help="train with N processes: the command starts itself under torchrun (one per GPU on "
-                               "a GPU node, gloo processes on CPU); default 1")
+                               "a GPU node, gloo processes on CPU)")
 
-    parser = argparse.ArgumentParser(prog="latent-inpaint", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="latent-inpaint", description=__doc__.splitlines()[0],
+                                     formatter_class=usage.HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, func, help: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common, *parents], help=help)
+        p = sub.add_parser(name, parents=[common, *parents], help=help, formatter_class=usage.HelpFormatter)
         p.set_defaults(func=func)
         return p
 
     p = command("default-data", cmd_default_data, "build the embedded default dataset")
-    p.add_argument("--out", type=Path, default=Path(layout.DEFAULT_DATA))
+    _folders(p, out=layout.DEFAULT_DATA)
     p.add_argument("--count", type=at_least(1), help="images (default: data.default_count)")
     p.add_argument("--size", type=at_least(1), help="shorter side in pixels (default: data.size)")
     p.add_argument("--seed", type=at_least(0), help="crop seed (default: data.default_seed)")
@@ -208,15 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("import-official", cmd_import_official, "the authors' released .ckpt files -> runs/*/final", pickled)
     p.add_argument("checkpoints", type=Path, help="folder holding their released .ckpt files")
-    p.add_argument("--model", required=True, choices=["places256", "places512", "celeba"])
+    p.add_argument("--model", required=True, choices=OFFICIAL_MODELS, help="released model")
     _folders(p, "runs")
 
     p = command("tokenize", cmd_tokenize, "VQGAN tokens of every split, and codebook usage", device)
     _folders(p, "vqgan", "shards", out=layout.TOKENS)
-    p.add_argument("--batch-size", type=at_least(1), default=32)
+    p.add_argument("--batch-size", type=at_least(1), default=32, help="images per forward pass")
 
     p = command("train-encoder", cmd_train_encoder, "stage 1: the restrictive (or vanilla) encoder", training)
-    p.add_argument("--kind", choices=["restrictive", "vanilla"], default="restrictive")
+    p.add_argument("--kind", choices=["restrictive", "vanilla"], default="restrictive", help="vanilla: the ablation's")
     _folders(p, "vqgan", "shards", "tokens", run_dir=layout.run_dir("encoder"))
 
     p = command("train-transformer", cmd_train_transformer, "stage 2: the bidirectional transformer "
@@ -229,12 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("figure-alpha", cmd_figure_alpha, "Figure 3: a mask and its token masks per alpha")
     p.add_argument("--mask", help="a mask file (default: a fixed evaluation mask)")
     p.add_argument("--white-is-visible", action="store_true", help="the mask file paints the visible part white")
-    p.add_argument("--kind", choices=KINDS, default="large")
-    p.add_argument("--index", type=at_least(0), default=0)
-    p.add_argument("--size", type=at_least(1))
+    p.add_argument("--kind", choices=KINDS, default="large", help="evaluation mask kind")
+    p.add_argument("--index", type=at_least(0), default=0, help="which evaluation mask of that kind (val split)")
+    p.add_argument("--size", type=at_least(1), help="image side in pixels (default: data.size)")
     p.add_argument("--factor", type=at_least(1), help="image side / token grid side (default: the VQGAN's)")
-    p.add_argument("--alphas", type=fraction, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
-    p.add_argument("--out", type=Path, default=Path(layout.RESULTS) / "figure3.png")
+    p.add_argument("--alphas", type=fraction, nargs="+", default=[0.25, 0.5, 0.75, 1.0], help="token-mask thresholds")
+    _folders(p, out=f"{layout.RESULTS}/figure3.png")
 
     p = command("inpaint", cmd_inpaint, "inpaint an image or a folder with the trained model", device)
     p.add_argument("input", type=Path, help="an image file or a folder of images")
@@ -251,21 +253,23 @@ def build_parser() -> argparse.ArgumentParser:
     _folders(p, "runs", out=f"{layout.RESULTS}/inpaint")
 
     p = command("evaluate", cmd_evaluate, "FID, hole metrics and diversity on the test split", device)
-    p.add_argument("--variant", default="full", help=ABLATIONS)
+    p.add_argument("--variant", default="full", help=f"what to score: {ABLATIONS}")
     _folders(p, "runs", "shards", "masks", out=f"{layout.RESULTS}/metrics.json")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="mask types (default: all)")
     p.add_argument("--no-diversity", action="store_true", help="skip the LPIPS diversity (ablations)")
     p.add_argument("--baseline", action="store_true", help="also score the classical biharmonic reference")
     p.add_argument("--ablation", action="store_true",
                    help="score the first evaluate.ablation_images test images (the paper's Table 2 subset)")
-    p.add_argument("--table", type=Path, help="also write the Markdown table here")
+    p.add_argument("--table", type=Path, help="also write the Markdown table here (default: none)")
 
     p = command("report", cmd_report, "results/report.md: tables, sample grids, training curves", device)
     _folders(p, "runs", "shards", "masks", results=layout.RESULTS)
-    p.add_argument("--ablations", nargs="*", default=[], help="results/ablations/<name>.json files to tabulate")
+    p.add_argument("--ablations", nargs="*", default=[], help="results/ablations/*.json to tabulate (default: none)")
+    p.add_argument("--skipped-ablations", type=json.loads, default={}, metavar="JSON",
+                   help="ablations left out, {name: reason}, said in the report (default: none)")
 
     p = command("mlflow-ui", cmd_mlflow_ui, "open the tracking store in the MLflow UI on 127.0.0.1")
-    p.add_argument("--port", type=usage.port, default=5000)
+    p.add_argument("--port", type=usage.port, default=5000, help="port of the UI on 127.0.0.1")
     return parser
 
 

@@ -8,19 +8,15 @@ and so is a key the code does not know (a misspelling would otherwise be silentl
 from __future__ import annotations
 
 import dataclasses
-import json
-import types
-import typing
+from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
+from .checks import (SEED_LIMIT, ConfigError, build, check_choice, check_positive, check_range, check_seed,
+                     check_training, to_dict)
 
 # Which of the restrictive encoder's stride-1 convs apply alpha: see encoder.py.
 STRIDE1_RULES = ("window", "centre", "window_with_skip")
-
-
-class ConfigError(ValueError):
-    """A parameter file or override is malformed; the message names the file and the key."""
+OFFICIAL_MODELS = ("places256", "places512", "celeba")  # the authors' released models (stages/official.py)
 
 
 # ---------------------------------------------------------------------------------- sections
@@ -46,13 +42,13 @@ class DataConfig:
     default_seed: int
 
     def __post_init__(self):
-        _check_choice("data.layout", self.layout, ("folder", "places365", "celebahq"))
-        _check_choice("data.image_format", self.image_format, ("png", "jpg"))
+        check_choice("data.layout", self.layout, ("folder", "places365", "celebahq"))
+        check_choice("data.image_format", self.image_format, ("png", "jpg"))
         for key in ("size", "min_side", "shard_size", "workers", "default_count"):
-            _check_positive(f"data.{key}", getattr(self, key))
-        _check_range("data.jpeg_quality", self.jpeg_quality, 1, 100)
+            check_positive(f"data.{key}", getattr(self, key))
+        check_range("data.jpeg_quality", self.jpeg_quality, 1, 100)
         for key in ("val_fraction", "test_fraction"):
-            _check_range(f"data.{key}", getattr(self, key), 0, 1)
+            check_range(f"data.{key}", getattr(self, key), 0, 1)
         if not 0 <= self.val_fraction + self.test_fraction < 1:
             raise ConfigError("data.val_fraction + data.test_fraction must lie in [0, 1), got "
                               f"{self.val_fraction} + {self.test_fraction}")
@@ -72,7 +68,7 @@ class FreeFormConfig:
         if not 0 <= lo < hi <= 1:
             raise ConfigError(f"hole_range must satisfy 0 <= lo < hi <= 1, got {list(self.hole_range)}")
         for key in ("rects_half", "rects_full", "strokes"):
-            _check_range(f"masks.*.{key}", getattr(self, key), 0, None)
+            check_range(f"masks.*.{key}", getattr(self, key), 0, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +84,7 @@ class MasksConfig:
     def __post_init__(self):
         if not 0 < self.box_fraction <= 1:
             raise ConfigError(f"masks.box_fraction must lie in (0, 1], got {self.box_fraction}")
-        _check_positive("masks.grid_count", self.grid_count)
+        check_positive("masks.grid_count", self.grid_count)
         for split in self.splits:
             if split not in ("train", "val", "test"):
                 raise ConfigError(f"masks.splits: unknown split {split!r} (allowed: train, val, test)")
@@ -108,10 +104,10 @@ class TrainConfig:
     eval_images: int  # validation images for the stage's metric
 
     def __post_init__(self):
-        _check_choice("train.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        check_choice("train.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
         for key in ("grad_accum", "log_every", "checkpoint_every", "image_every", "eval_images"):
-            _check_positive(f"train.{key}", getattr(self, key))
-        _check_range("train.workers", self.workers, 0, None)
+            check_positive(f"train.{key}", getattr(self, key))
+        check_range("train.workers", self.workers, 0, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,10 +132,10 @@ class VQGANConfig:
     steps: int
 
     def __post_init__(self):
-        _check_choice("vqgan.codebook_init", self.codebook_init, ("uniform", "data"))
+        check_choice("vqgan.codebook_init", self.codebook_init, ("uniform", "data"))
         for key in ("base_channels", "num_res_blocks", "z_channels", "n_embed", "embed_dim", "disc_layers",
                     "base_lr", "batch_size", "steps"):
-            _check_positive(f"vqgan.{key}", getattr(self, key))
+            check_positive(f"vqgan.{key}", getattr(self, key))
         if not self.channel_mult or min(self.channel_mult) <= 0:
             raise ConfigError(f"vqgan.channel_mult must be a non-empty list of positive integers, "
                               f"got {list(self.channel_mult)}")
@@ -164,9 +160,9 @@ class EncoderConfig:
 
     def __post_init__(self):
         _check_variant("encoder.variant", self.variant)
-        _check_choice("encoder.stride1_rule", self.stride1_rule, STRIDE1_RULES)
-        _check_range("encoder.alpha", self.alpha, 0, 1)
-        _check_training("encoder", self)
+        check_choice("encoder.stride1_rule", self.stride1_rule, STRIDE1_RULES)
+        check_range("encoder.alpha", self.alpha, 0, 1)
+        check_training("encoder", self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,16 +184,16 @@ class TransformerConfig:
     def __post_init__(self):
         _check_variant("transformer.variant", self.variant)
         for key in ("n_layer", "n_embd", "n_head", "mlp_ratio"):
-            _check_positive(f"transformer.{key}", getattr(self, key))
+            check_positive(f"transformer.{key}", getattr(self, key))
         if self.n_embd % self.n_head:
             raise ConfigError(f"transformer.n_head must divide transformer.n_embd, got n_head {self.n_head} "
                               f"and n_embd {self.n_embd}")
-        _check_range("transformer.dropout", self.dropout, 0, 1)
+        check_range("transformer.dropout", self.dropout, 0, 1)
         lo, hi = self.mask_ratio
         if not 0 <= lo <= hi <= 1:
             raise ConfigError(f"transformer.mask_ratio must satisfy 0 <= lo <= hi <= 1, got {list(self.mask_ratio)}")
-        _check_range("transformer.weight_decay", self.weight_decay, 0, None)
-        _check_training("transformer", self)
+        check_range("transformer.weight_decay", self.weight_decay, 0, None)
+        check_training("transformer", self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,14 +212,31 @@ class DecoderConfig:
 
     def __post_init__(self):
         _check_variant("decoder.variant", self.variant)
-        _check_range("decoder.token_noise", self.token_noise, 0, 1)
+        check_range("decoder.token_noise", self.token_noise, 0, 1)
         for key in ("r1_weight", "perceptual_weight", "l1_weight"):
-            _check_range(f"decoder.{key}", getattr(self, key), 0, None)
-        _check_training("decoder", self)
+            check_range(f"decoder.{key}", getattr(self, key), 0, None)
+        check_training("decoder", self)
 
 
 def _check_variant(key: str, value: str) -> None:
-    _check_choice(key, value, ("paper", "official"))
+    check_choice(key, value, ("paper", "official"))
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedConfig:
+    """The authors' released models in place of training (rule import_official; nothing trains)."""
+
+    official: str | None  # the folder of their .ckpt files; None: train everything here
+    model: str | None  # places256 | places512 | celeba
+    architecture: str | None  # a YAML of other sizes than the released ones (stages/official.Architecture)
+
+    def __post_init__(self):
+        if self.official is not None or self.model is not None:
+            check_choice("pretrained.model", self.model, OFFICIAL_MODELS)
+            if self.official is None or not Path(self.official).is_dir():
+                raise ConfigError(f"pretrained.official: no folder {self.official} (the authors' .ckpt files)")
+        if self.architecture is not None and not Path(self.architecture).is_file():
+            raise ConfigError(f"pretrained.architecture: no file {self.architecture}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,11 +246,16 @@ class SampleConfig:
     anneal: float  # s: T_i = t * s**i
     samples: int
     seed: int
+    sampler: str  # ours | official (the authors' sampler: sampler.sample_official)
+    batch_size: int  # samples (of one or many images) through the transformer and decoder at once
+    precision: str  # as train.precision: auto (fp32 on CPU; bf16 + TF32 on Ampere+, fp16 before) | bf16 | fp16 | fp32
 
     def __post_init__(self):
-        for key in ("steps", "samples", "temperature", "anneal"):
-            _check_positive(f"sample.{key}", getattr(self, key))
-        _check_seed("sample.seed", self.seed, self.samples)
+        for key in ("steps", "samples", "temperature", "anneal", "batch_size"):
+            check_positive(f"sample.{key}", getattr(self, key))
+        check_seed("sample.seed", self.seed, self.samples)
+        check_choice("sample.sampler", self.sampler, ("ours", "official"))
+        check_choice("sample.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
 
 
 # The ablation variants `latent-inpaint evaluate --variant` and `evaluate.ablations` name.
@@ -254,11 +272,13 @@ class EvaluateConfig:
     fid_dims: int  # 2048 is the standard FID; 64/192/768 (pytorch-fid's other blocks) only for speed
     ablations: tuple[str, ...]  # variants scored by the ablation rule (see ABLATIONS)
     ablation_images: int  # test images each ablation is scored on (the paper's Table 2: a 3,000 subset)
+    baseline_images: int  # at most this many test images score the biharmonic reference (a CPU solve each)
 
     def __post_init__(self):
-        _check_choice("evaluate.fid_dims", self.fid_dims, (64, 192, 768, 2048))
-        for key in ("fid_images", "diversity_images", "diversity_samples", "batch_size", "ablation_images"):
-            _check_positive(f"evaluate.{key}", getattr(self, key))
+        check_choice("evaluate.fid_dims", self.fid_dims, (64, 192, 768, 2048))
+        for key in ("fid_images", "diversity_images", "diversity_samples", "batch_size", "ablation_images",
+                    "baseline_images"):
+            check_positive(f"evaluate.{key}", getattr(self, key))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +297,7 @@ class TrackingConfig:
     uri: str | None  # None: MLFLOW_TRACKING_URI, else the embedded store in the working dir
     experiment: str
     log_images: bool
+    log_models: bool  # also log each trained stage's final/ folder (its weights) as run artifacts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,8 +306,8 @@ class JobResources:
     runtime: int  # minutes: the job's time limit
 
     def __post_init__(self):
-        _check_positive("resources.*.mem_mb", self.mem_mb)
-        _check_positive("resources.*.runtime", self.runtime)
+        check_positive("resources.*.mem_mb", self.mem_mb)
+        check_positive("resources.*.runtime", self.runtime)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,7 +321,7 @@ class ResourcesConfig:
     light: JobResources  # default data, prepare, masks, report
 
     def __post_init__(self):
-        _check_positive("resources.processes", self.processes)
+        check_positive("resources.processes", self.processes)
 
 
 SECTIONS: dict[str, type] = {
@@ -311,6 +332,7 @@ SECTIONS: dict[str, type] = {
     "encoder": EncoderConfig,
     "transformer": TransformerConfig,
     "decoder": DecoderConfig,
+    "pretrained": PretrainedConfig,
     "sample": SampleConfig,
     "evaluate": EvaluateConfig,
     "weights": WeightsConfig,
@@ -320,92 +342,6 @@ SECTIONS: dict[str, type] = {
 
 
 # ---------------------------------------------------------------------------------- building
-
-
-def _check_choice(key: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
-
-
-def _check_positive(key: str, value) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key} must be positive, got {value}")
-
-
-def _check_range(key: str, value, lo, hi) -> None:
-    """lo <= value <= hi; None: no bound on that side."""
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        allowed = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
-        raise ConfigError(f"{key} must be {allowed}, got {value}")
-
-
-SEED_LIMIT = 2**63  # a torch generator's seed is a signed 64-bit integer
-
-
-def _check_seed(key: str, seed: int, samples: int) -> None:
-    """Sample i is drawn with seed + i: every one of them must fit the generator."""
-    if not 0 <= seed <= SEED_LIMIT - samples:
-        raise ConfigError(f"{key} must lie in [0, 2**63 - samples] = [0, {SEED_LIMIT - samples}] (sample i uses "
-                          f"seed + i), got {seed}")
-
-
-def _check_training(name: str, cfg) -> None:
-    """The optimiser and length keys every trained part has."""
-    for key in ("lr", "batch_size", "steps"):
-        _check_positive(f"{name}.{key}", getattr(cfg, key))
-    if not all(0 <= b < 1 for b in cfg.betas):
-        raise ConfigError(f"{name}.betas must both lie in [0, 1), got {list(cfg.betas)}")
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
-    if dataclasses.is_dataclass(hint):
-        return build(hint, value, key)
-    if isinstance(value, str) and hint is not str:
-        # Command lines (snakemake --config, --set) hand nested values over as text.
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError:
-            pass
-    if hint is float and isinstance(value, str):
-        try:
-            value = float(value)  # YAML 1.1 reads "5e-5" (no dot) as text
-        except ValueError:
-            pass
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{key} must have {len(args)} items, got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, str, bool) and type(value) is hint:
-        return value
-    raise ConfigError(f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r}")
-
-
-def build(cls: type, values: Any, where: str):
-    """Build dataclass `cls` from a mapping; unknown and missing keys are errors naming them."""
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"{where} must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)} (known: {', '.join(names)})")
-    missing = [n for n in names if n not in values]
-    if missing:
-        raise ConfigError(f"missing key(s) in {where}: {', '.join(missing)}")
-    return cls(**{n: _coerce(values[n], hints[n], f"{where}.{n}") for n in names})
 
 
 def section(params: Mapping[str, Any], name: str):
@@ -430,8 +366,3 @@ def validate(params: Mapping[str, Any], together: bool = True) -> dict:
         raise ConfigError(f"data.size must be a multiple of the VQGAN factor {vqgan.factor} "
                           f"(2 ** (len(vqgan.channel_mult) - 1)), got {data.size}")
     return {name: to_dict(cfg) for name, cfg in built.items()}
-
-
-def to_dict(cfg) -> dict:
-    """A dataclass config as plain JSON-able data (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))

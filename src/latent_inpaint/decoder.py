@@ -5,6 +5,9 @@ never read; mask (B, 1, H, W) with 1 = visible; z_q (B, embed_dim, H/f, W/f) cod
 the full token map; M̂ (B, 1, H/f, W/f) or (B, H/f, W/f) with 1 = visible token) ->
 (composite (B, 3, H, W), raw X' (B, 3, H, W)). The composite is X⊙M + X'⊙(1-M), formed with a
 select so that every visible pixel is the input's, bit for bit, whatever X' holds.
+forward is split in two for inference: `prior(x, mask)`, the part that reads the partial image
+alone (E_prt), and `decode(prior, z_q, M̂)` -> X', the part that reads the tokens; pluralistic
+sampling runs the prior once per image and `decode` once per sample.
 
 - InpaintDecoder: the paper's decoder (Sec. 3.3, Eq. 7-8). E_prt, standard partial convolutions
   on [X⊙M, M] down to the token grid, is coupled with Z by `couple` and decoded by G, a decoder
@@ -204,10 +207,16 @@ class InpaintDecoder(nn.Module):
         """(x (B, 3, H, W), mask (B, 1, H, W), z_q (B, embed_dim, h, w), M̂ (B, 1, h, w) or (B, h, w))
         -> (composite (B, 3, H, W), X' (B, 3, H, W))."""
         _check_inputs(x, mask, z_q, self.factor)
-        z = self.post_quant_conv(z_q)  # (B, z_channels, h, w)
-        e_prt, _ = self.partial_encoder(x, mask)  # (B, z_channels, h, w)
-        x_raw = self.decoder(couple(z, e_prt, token_mask))  # (B, 3, H, W)
+        x_raw = self.decode(self.prior(x, mask), z_q, token_mask)
         return composite(x, mask, x_raw), x_raw
+
+    def prior(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """E_prt(X⊙M): (x (B, 3, H, W), mask (B, 1, H, W)) -> (B, z_channels, h, w)."""
+        return self.partial_encoder(x, mask)[0]
+
+    def decode(self, prior: torch.Tensor, z_q: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """X' = G(couple(post_quant_conv(Z), E_prt, M̂)) (B, 3, H, W), `prior` from `prior`."""
+        return self.decoder(couple(self.post_quant_conv(z_q), prior, token_mask))
 
 
 class VanillaDecoder(nn.Module):
@@ -224,8 +233,15 @@ class VanillaDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """As InpaintDecoder.forward; token_mask is accepted for the common interface and unused."""
         _check_inputs(x, mask, z_q, self.factor)
-        x_raw = self.vqgan.decode(z_q)  # (B, 3, H, W)
+        x_raw = self.decode(self.prior(x, mask), z_q, token_mask)
         return composite(x, mask, x_raw), x_raw
+
+    def prior(self, x: torch.Tensor, mask: torch.Tensor) -> None:
+        """Nothing: the VQGAN decodes the tokens alone."""
+        return None
+
+    def decode(self, prior: None, z_q: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.vqgan.decode(z_q)  # (B, 3, H, W)
 
 
 class OfficialDecoder(nn.Module):
@@ -262,11 +278,18 @@ class OfficialDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """As InpaintDecoder.forward."""
         _check_inputs(x, mask, z_q, self.factor)
+        x_raw = self.decode(self.prior(x, mask), z_q, token_mask)
+        return composite(x, mask, x_raw), x_raw
+
+    def prior(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The mask encoder's features: (x (B, 3, H, W), mask (B, 1, H, W)) -> (B, embed_dim, h, w)."""
         mask = mask.to(x.dtype)
         visible = torch.where(mask > 0.5, x, torch.zeros((), dtype=x.dtype, device=x.device))
-        e = self.bottleneck_conv(self.encoder(torch.cat([mask - 0.5, visible], dim=1)))  # (B, embed_dim, h, w)
-        x_raw = self.decoder(self.post_bottleneck_conv(couple(z_q, e, token_mask)))  # (B, 3, H, W)
-        return composite(x, mask, x_raw), x_raw
+        return self.bottleneck_conv(self.encoder(torch.cat([mask - 0.5, visible], dim=1)))
+
+    def decode(self, prior: torch.Tensor, z_q: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """X' (B, 3, H, W), `prior` from `prior`."""
+        return self.decoder(self.post_bottleneck_conv(couple(z_q, prior, token_mask)))
 
 
 def build_decoder(variant: str, vq: VQGANConfig, resolution: int, attn_resolutions: tuple[int, ...]) -> nn.Module:

@@ -10,42 +10,36 @@ are resized to S x S (aspect not kept), inpainted, the result is resized back to
 size, and only the hole pixels take it: every visible pixel of the original stays bit-identical.
 Nothing at full size is held as floats, and one full-size sample at a time, so memory and time
 grow with the pixel count only through uint8 resizes and PNG writes.
+
+Batched (issue 13): what reads the image alone (E, and the decoder's prior E_prt) runs once per
+image (`encode`); the first sampling step, whose input is the same for all samples of an image,
+once per image; then the samples of many images, any mix of masks, go through the transformer
+(`draw`) and the decoder's token part (`decode`) sample.batch_size at a time, in
+sample.precision. Each sample's tokens and pixels are those of sampling it alone with its seed:
+bit for bit on the CPU; on a GPU up to the last bits that kernels chosen per batch shape change.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import shutil
-import sys
-import tempfile
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
-from .config import MasksConfig, SampleConfig, section, to_dict
-from .data.images import IMAGE_EXTENSIONS, SkipImage, load_rgb
-from .decoder import InpaintDecoder, OfficialDecoder, VanillaDecoder
+from .config import SampleConfig
+from .decoder import InpaintDecoder, OfficialDecoder, VanillaDecoder, composite
 from .encoder import MiracleEncoder, OfficialRestrictiveEncoder, RestrictiveEncoder, VanillaEncoder
-from .files import atomic_write
-from .masks import KINDS, load_mask, user_mask
-from .pictures import grid, inpainting_row
 from .refiner import Refiner
-from .sampler import sample
+from .sampler import sample, sample_official
 from .saved import load_model, saved_spec
-from .stopping import sigterm_stops
+from .precision import precision_for
 from .transformer import BidirectionalTransformer, OfficialTransformer
-from .usage import UsageError
 from .vqgan import VQModel
-
-BATCH = 8  # samples drawn in one forward pass
-FAILED = "failed"  # the status of a file that could not be inpainted
 
 
 def pick_device(name: str | torch.device | None = None) -> torch.device:
@@ -91,225 +85,182 @@ class Inpainter:
                    if decoder != "vanilla" and (runs_dir / "refiner" / "final" / "config.json").is_file() else None)
         return cls(*parts, size=vqgan.resolution, device=device, refiner=refiner)
 
+    def _precision(self, cfg: SampleConfig) -> contextlib.AbstractContextManager:
+        """sample.precision's autocast, decided as train.precision is (fp32 on CPU under auto)."""
+        return precision_for(cfg.precision, self.device)[0]()
+
     @torch.no_grad()
+    def encode(self, x: torch.Tensor, mask: torch.Tensor, cfg: SampleConfig) -> Encoded:
+        """What depends on the image alone, once per image: x (I, 3, S, S) in [-1, 1], mask
+        (I, 1, S, S) 1 = visible -> the encoder's tokens and M̂, and the decoder's prior (E_prt)."""
+        def one(x: torch.Tensor, mask: torch.Tensor) -> tuple:
+            logits, token_mask = self.encoder(x, mask)  # (I, K, h, w), (I, h, w)
+            return logits.argmax(1).flatten(1), token_mask, self.decoder.prior(x, mask)
+
+        x, mask = x.to(self.device), mask.to(self.device)
+        with self._precision(cfg):
+            return Encoded(x, mask, *self._by_rows(one, x, mask))
+
+    @torch.no_grad()
+    def draw(self, enc: Encoded, rows: torch.Tensor, seeds: Sequence[int], cfg: SampleConfig) -> torch.Tensor:
+        """Tokens (R, N) of one sample per row: rows (R,) the image (of `enc`) each row samples,
+        seeds (R,) each row's seed. sample.sampler ours: every row in one transformer batch, the
+        first step's logits computed once per image (the samples of an image share its input),
+        the draws per row from its seed, so a row's tokens do not depend on the other rows.
+        official: the authors' sampler on each run of consecutive rows of one image, the global
+        generator seeded with the run's first seed."""
+        tokens, visible = enc.tokens[rows], enc.token_mask.flatten(1)[rows].bool()  # (R, N)
+        steps = {"steps": cfg.steps, "temperature": cfg.temperature, "anneal": cfg.anneal}
+        with self._precision(cfg):
+            if cfg.sampler == "ours":
+                images, image_of_row = rows.unique(return_inverse=True)
+                first = self.transformer(enc.tokens[images], enc.token_mask.flatten(1)[images].bool())  # (I, N, K)
+                return sample(self.transformer, tokens, visible, **steps, seeds=seeds, first_logits=first[image_of_row])
+            runs, start = [], 0
+            for count in rows.unique_consecutive(return_counts=True)[1].tolist():
+                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                    torch.manual_seed(seeds[start])
+                    runs.append(sample_official(self.transformer, tokens[start:start + count],
+                                                visible[start:start + count], **steps))
+                start += count
+            return torch.cat(runs)
+
+    @torch.no_grad()
+    def decode(self, enc: Encoded, rows: torch.Tensor, tokens: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:
+        """Pixels of each row's sample: rows (R,) as for `draw`, tokens (R, N) -> (R, 3, S', S') in
+        [-1, 1] (about), visible pixels exactly the image's; S' = S, or the refiner's output side."""
+        def one(x: torch.Tensor, mask: torch.Tensor, token_mask: torch.Tensor, prior: torch.Tensor | None,
+                tokens: torch.Tensor) -> torch.Tensor:
+            z_q = self.vqgan.quantize.lookup(tokens.view(len(tokens), *token_mask.shape[-2:]))  # (R, embed_dim, h, w)
+            out = composite(x, mask, self.decoder.decode(prior, z_q, token_mask).float())  # (R, 3, S, S)
+            if self.refiner is None:
+                return out
+            side = self.refiner.size_out
+            x_out = x if side == x.shape[-1] else F.interpolate(x, size=(side, side), mode="bicubic", align_corners=False)
+            return self.refiner.refine(out, x_out, mask).float()  # (R, 3, side, side)
+
+        prior = None if enc.prior is None else enc.prior[rows]
+        with self._precision(cfg):
+            return self._by_rows(one, enc.x[rows], enc.mask[rows], enc.token_mask[rows], prior, tokens)
+
+    def _by_rows(self, fn: Callable, *tensors: torch.Tensor | None):
+        """fn(*tensors), each (R, ...) or None, in one batch on an accelerator; on the CPU row by
+        row, as oneDNN picks its convolution kernels per batch size, so that a sample's pixels do
+        not depend in their last bits on which rows share its batch. The price, at the paper's
+        widths on 2 cores: G on 8 rows takes 25.7 CPU-s row by row, 19.9 in one batch
+        (benchmarks/results/paper_inference_cpu.json), 3 % of the time of 8 samples."""
+        if self.device.type != "cpu":
+            return fn(*tensors)
+        return _cat([fn(*(None if t is None else t[r:r + 1] for t in tensors)) for r in range(len(tensors[0]))])
+
     def inpaint_batch(self, x: torch.Tensor, mask: torch.Tensor, cfg: SampleConfig, seeds: list[int]) -> torch.Tensor:
         """x (B, 3, S, S) in [-1, 1], mask (B, 1, S, S) 1 = visible -> (B, 3, S', S'), one sample per
-        row drawn with that row's seed; S' = S, or the refiner's output side (512 for places512)."""
-        x, mask = x.to(self.device), mask.to(self.device)
-        logits, token_mask = self.encoder(x, mask)  # (B, K, h, w), (B, h, w)
-        b, _, h, w = logits.shape
-        tokens = logits.argmax(1).flatten(1)  # (B, N): the encoder's tokens where visible
-        visible = token_mask.flatten(1)
-        tokens = sample(self.transformer, tokens, visible, steps=cfg.steps, temperature=cfg.temperature,
-                        anneal=cfg.anneal, seeds=seeds)
-        z_q = self.vqgan.quantize.lookup(tokens.view(b, h, w))  # (B, embed_dim, h, w)
-        composite, _ = self.decoder(x * mask, mask, z_q, token_mask)
-        composite = x * mask + composite * (1 - mask)  # visible pixels exactly the input's
-        if self.refiner is None:
-            return composite
-        side = self.refiner.size_out
-        x_out = x if side == x.shape[-1] else F.interpolate(x, size=(side, side), mode="bicubic", align_corners=False)
-        return self.refiner.refine(composite, x_out, mask)  # (B, 3, side, side)
+        row drawn with that row's seed, in one batch; S' = S, or the refiner's output side (512
+        for places512)."""
+        enc = self.encode(x, mask, cfg)
+        rows = torch.arange(len(seeds), device=self.device)
+        return self.decode(enc, rows, self.draw(enc, rows, seeds, cfg), cfg)
 
     def inpaint(self, image: np.ndarray, mask: np.ndarray, cfg: SampleConfig, samples: int, seed: int) -> list[np.ndarray]:
         """image (H, W, 3) uint8, mask (H, W) 1 = visible -> `samples` (H, W, 3) uint8 results at
-        the original size (visible pixels untouched)."""
+        the original size (visible pixels untouched); sample j is drawn with seed + j."""
         return list(self.iter_inpaint(image, mask, cfg, samples, seed))
+
+    def inpaint_many(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], cfg: SampleConfig,
+                     samples: int, seeds: Sequence[int]) -> list[list[np.ndarray]]:
+        """`inpaint` over many images at once: result[i][j] == inpaint(images[i], masks[i], cfg,
+        samples, seeds[i])[j] (same tokens, same pixels). images (H, W, 3) uint8 of any sizes,
+        masks (H, W) 1 = visible. The encoder and E_prt run once per image, the samples of all the
+        images go through the transformer and decoder sample.batch_size at a time. Memory grows
+        with the images given (about 1 MB each at 256 px, beside the results): hand a test set
+        over in batches."""
+        results = [[] for _ in images]
+        for i, result in self._iter_many(images, masks, cfg, samples, seeds):
+            results[i].append(result)
+        return results
 
     def iter_inpaint(self, image: np.ndarray, mask: np.ndarray, cfg: SampleConfig, samples: int,
                      seed: int) -> Iterator[np.ndarray]:
         """`inpaint`'s results one at a time: the model works at S x S, each sample is resized
         up as uint8 and pasted into the hole (tile-free), one full-size array at a time."""
-        if mask.all():
-            yield from (image.copy() for _ in range(samples))  # nothing to fill
-            return
-        h, w = mask.shape
-        square = (self.size, self.size)
-        small = np.asarray(Image.fromarray(image).resize(square, Image.Resampling.BICUBIC, reducing_gap=3.0))
-        xs = torch.from_numpy(small.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, 3, S, S)
-        # A model pixel is visible only where all the original pixels it covers are: never invent there.
-        hole = torch.from_numpy(mask == 0)[None, None].float()  # (1, 1, H, W)
-        ms = 1 - F.adaptive_max_pool2d(hole, square)  # (1, 1, S, S)
-        del hole
-        keep = mask.astype(bool)[..., None]  # (H, W, 1)
-        for first in range(0, samples, BATCH):
-            n = min(BATCH, samples - first)
-            seeds = [seed + first + i for i in range(n)]
-            y = self.inpaint_batch(xs.expand(n, -1, -1, -1), ms.expand(n, -1, -1, -1), cfg, seeds).cpu()
-            y = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # (n, S, S, 3)
-            for one in y:
-                full = np.asarray(Image.fromarray(one).resize((w, h), Image.Resampling.BICUBIC))  # (H, W, 3)
-                yield np.where(keep, image, full)
+        return (result for _, result in self._iter_many([image], [mask], cfg, samples, [seed]))
+
+    def _iter_many(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], cfg: SampleConfig,
+                   samples: int, seeds: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
+        """(image index, sample) for every sample of every image, in order. Rows (image, sample j,
+        seed + j) go through `draw` and `decode` in chunks of sample.batch_size; with the authors'
+        sampler a chunk holds one image's samples only (their sampler reads the batch as one)."""
+        if not len(images) == len(masks) == len(seeds):
+            raise ValueError(f"need one mask and one seed per image: {len(images)} images, {len(masks)} masks, "
+                             f"{len(seeds)} seeds")
+        todo = [i for i, mask in enumerate(masks) if not mask.all()]  # the others have nothing to fill
+        if todo:
+            enc = self._encode_images([images[i] for i in todo], [masks[i] for i in todo], cfg)
+        rows = [(k, j) for k in range(len(todo)) for j in range(samples)]  # (image of enc, sample)
+        if cfg.sampler == "ours":
+            chunks = iter(_chunks(rows, cfg.batch_size))
+        else:
+            chunks = (c for k in range(len(todo)) for c in _chunks(rows[k * samples:(k + 1) * samples], cfg.batch_size))
+        ready = iter(())  # this chunk's samples at the model size, (S', S', 3) uint8 each
+        for i, (image, mask) in enumerate(zip(images, masks)):
+            if mask.all():
+                yield from ((i, image.copy()) for _ in range(samples))
+                continue
+            for _ in range(samples):
+                small = next(ready, None)
+                if small is None:
+                    chunk = next(chunks)
+                    index = torch.tensor([k for k, _ in chunk], device=self.device)
+                    tokens = self.draw(enc, index, [seeds[todo[k]] + j for k, j in chunk], cfg)
+                    y = self.decode(enc, index, tokens, cfg).cpu()
+                    ready = iter(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+                    small = next(ready)
+                yield i, _paste(image, mask, small)
+
+    def _encode_images(self, images: list[np.ndarray], masks: list[np.ndarray], cfg: SampleConfig) -> Encoded:
+        """`encode` of images of any sizes, resized to the model's, sample.batch_size at a time."""
+        inputs = [_model_input(image, mask, self.size) for image, mask in zip(images, masks)]
+        parts = [self.encode(torch.cat([x for x, _ in part]), torch.cat([m for _, m in part]), cfg)
+                 for part in _chunks(inputs, cfg.batch_size)]
+        return Encoded(*(None if values[0] is None else torch.cat(values)
+                         for values in zip(*(vars(p).values() for p in parts))))
 
 
-# ---------------------------------------------------------------------------------- user files
-
-GRID_TILE = 512  # px: each picture of grid.png (input | masked | samples) fits in GRID_TILE x GRID_TILE
-STAGING = ".partial"  # suffix of the hidden folder an image's results are written into before the swap
-ALPHA_POLICY = ("an alpha channel is composited on white for the model; each sample keeps the input's alpha "
-                "channel unchanged (RGBA PNG); grid.png shows the composite")
-FOLDERS = ("<out>/<input file name>/ (photo.jpg -> photo.jpg/, photo.png -> photo.png/): distinct files never "
-           "share a folder; a rerun replaces an image's folder whole; a failed image has none")
-
-
-def load_image(path: Path) -> np.ndarray:
-    """Any image file as (H, W, 3) uint8 (EXIF orientation applied, alpha on white)."""
-    try:
-        return np.asarray(load_rgb(Path(path)))
-    except SkipImage as exc:
-        raise ValueError(f"cannot use image {path}: {exc}") from None
+@dataclasses.dataclass
+class Encoded:
+    """What inference computes once per image (I images at the model size S)."""
+    x: torch.Tensor  # (I, 3, S, S) in [-1, 1]
+    mask: torch.Tensor  # (I, 1, S, S) 1 = visible
+    tokens: torch.Tensor  # (I, N) the encoder's tokens, meaningful where visible
+    token_mask: torch.Tensor  # (I, h, w) M̂, 1 = visible token
+    prior: torch.Tensor | None  # decoder.prior(x, mask), e.g. E_prt (I, C, h, w); None for the vanilla decoder
 
 
-def load_alpha(path: Path) -> np.ndarray | None:
-    """The (H, W) uint8 alpha channel of an image file that has one (EXIF orientation applied)."""
-    with Image.open(path) as im:
-        if not im.has_transparency_data:
-            return None
-        return np.asarray(ImageOps.exif_transpose(im).convert("RGBA").getchannel("A"))
+def _cat(parts: list):
+    """torch.cat of a list of tensors, of tuples of them (column by column), or of Nones (None)."""
+    if parts[0] is None:
+        return None
+    if isinstance(parts[0], tuple):
+        return tuple(_cat(list(column)) for column in zip(*parts))
+    return torch.cat(parts)
 
 
-def image_files(path: Path) -> list[Path]:
-    """The image itself, or the images of a folder in name order (hidden files left out)."""
-    path = Path(path)
-    if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
-        if not found:
-            raise UsageError(f"input folder {path} holds no image file ({', '.join(IMAGE_EXTENSIONS)})")
-        return found
-    if path.is_file():
-        return [path]
-    raise UsageError(f"input {path}: no such file or folder")
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[k:k + size] for k in range(0, len(items), size)]
 
 
-def check_mask_option(mask: str, images: list[Path]) -> None:
-    """`--mask` is a kind, an existing folder, or a readable mask file (of the images' size is
-    checked per image): anything else fails before a model loads."""
-    if mask in KINDS:
-        return
-    path = Path(mask)
-    if not path.exists():
-        raise UsageError(f"--mask {mask}: no such file or folder; use a mask file, a folder of masks named like the "
-                         f"images, or one of {', '.join(KINDS)}")
-    if path.is_file():
-        try:
-            load_mask(path)
-        except ValueError as exc:
-            raise UsageError(f"--mask {mask}: {exc}") from None
+def _model_input(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """image (H, W, 3) uint8, mask (H, W) 1 = visible -> x (1, 3, S, S) in [-1, 1], mask (1, 1, S, S)."""
+    square = (size, size)
+    small = np.asarray(Image.fromarray(image).resize(square, Image.Resampling.BICUBIC, reducing_gap=3.0))
+    x = torch.from_numpy(small.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, 3, S, S)
+    # A model pixel is visible only where all the original pixels it covers are: never invent there.
+    hole = torch.from_numpy(mask == 0)[None, None].float()  # (1, 1, H, W)
+    return x, 1 - F.adaptive_max_pool2d(hole, square)  # (1, 1, S, S)
 
 
-def _thumb(picture: np.ndarray, resample=Image.Resampling.BICUBIC) -> np.ndarray:
-    im = Image.fromarray(picture)
-    im.thumbnail((GRID_TILE, GRID_TILE), resample)
-    return np.asarray(im)
-
-
-def _remove(folder: Path) -> None:
-    if folder.exists():
-        shutil.rmtree(folder)
-
-
-def _remove_staging(out: Path) -> None:
-    for folder in out.glob(f".*{STAGING}"):
-        _remove(folder)
-
-
-@contextlib.contextmanager
-def _staging_removed_on_stop(out: Path) -> Iterator[None]:
-    """A stop can land between a hidden folder's creation and the code that owns it."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        _remove_staging(out)
-        raise
-
-
-def _inpaint_one(model: Inpainter, path: Path, index: int, out: Path, cfg: SampleConfig, masks: MasksConfig,
-                 mask: str, hole_is_white: bool) -> dict:
-    """Write one image's results into a hidden folder, then swap it in for `out/<name>/`."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        image = load_image(path)
-        alpha = load_alpha(path)
-        hole = user_mask(mask, path, image.shape[:2], masks, seed=cfg.seed, index=index, hole_is_white=hole_is_white)
-    notes = [str(w.message) for w in caught]
-    if not hole.any():
-        notes.append("the mask has no visible pixel: the samples are unconditional")
-    if alpha is not None:
-        notes.append(f"alpha channel: {ALPHA_POLICY}")
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=STAGING, dir=out))
-    try:
-        thumbs = []
-        for i, result in enumerate(model.iter_inpaint(image, hole, cfg, cfg.samples, cfg.seed)):
-            picture = Image.fromarray(result) if alpha is None else Image.fromarray(np.dstack([result, alpha]), "RGBA")
-            picture.save(staging / f"sample_{i:02d}.png", compress_level=1)  # huge images: fast, still lossless
-            thumbs.append(_thumb(result))
-        small_hole = _thumb(hole * np.uint8(255), Image.Resampling.NEAREST) > 127
-        grid(inpainting_row(_thumb(image), small_hole, thumbs), cols=2 + len(thumbs)).save(staging / "grid.png")
-        target, old = out / path.name, out / f".{path.name}.old{STAGING}"
-        _remove(old)
-        if target.exists():
-            target.rename(old)
-        staging.rename(target)
-        _remove(old)
-    except BaseException:
-        _remove(staging)
-        raise
-    status = "unchanged: the mask has no hole" if hole.all() else f"{len(thumbs)} samples"
-    return {"status": status, "notes": notes, "hole_ratio": float(1 - hole.mean()), "folder": str(out / path.name),
-            "alpha": alpha is not None}
-
-
-def inpaint_files(model: Inpainter, source: Path, out: Path, cfg: SampleConfig, masks: MasksConfig, *,
-                  mask: str = "box", mask_white_is_visible: bool = False, runs: Path | None = None,
-                  on_file: Callable[[Path, dict], None] = lambda path, outcome: None) -> dict:
-    """Inpaint an image or every image of a folder into `out/<file name>/` (sample_XX.png and
-    grid.png: input | masked | samples) with `mask` (see masks.user_mask); one file's failure
-    does not stop the others. An image's folder appears whole or not at all (written hidden, then
-    renamed), so a kill or SIGTERM leaves no half results; a failed image leaves no folder. After
-    each image `out/settings.json` holds every setting and each file's outcome so far (also
-    handed to `on_file`); `complete` says whether the run finished. Returns that report."""
-    files = image_files(source)
-    check_mask_option(mask, files)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _remove_staging(out)  # a killed run's hidden folders
-    settings = {**to_dict(cfg), "mask": mask, "mask_convention": "white = visible" if mask_white_is_visible
-                else "white = hole", "runs": str(runs), "size_policy": f"resized to {model.size}x{model.size} for "
-                "the model; hole pixels pasted back at full resolution; grid.png pictures fit in "
-                f"{GRID_TILE}x{GRID_TILE}", "alpha": ALPHA_POLICY, "folders": FOLDERS}
-    if mask == "box":
-        settings["box"] = (f"centred hole of masks.box_fraction = {masks.box_fraction} of the height by "
-                           f"{masks.box_fraction} of the width")
-    report = {"settings": settings, "images": {}, "complete": False}
-    with sigterm_stops(), _staging_removed_on_stop(out):
-        for index, path in enumerate(files):
-            try:
-                outcome = _inpaint_one(model, path, index, out, cfg, masks, mask, not mask_white_is_visible)
-            except (ValueError, OSError) as exc:
-                _remove(out / path.name)  # an earlier run's results would pass for this run's
-                outcome = {"status": FAILED, "error": str(exc)}
-            report["images"][str(path)] = outcome
-            report["complete"] = index == len(files) - 1
-            atomic_write(out / "settings.json", json.dumps(report, indent=1).encode())
-            on_file(path, outcome)
-    return report
-
-
-def print_outcome(path: Path, outcome: dict) -> None:
-    if "error" in outcome:
-        print(f"{path}: failed: {outcome['error']}", file=sys.stderr)
-        return
-    print(f"{path}: {outcome['status']} -> {outcome['folder']}", *(f"  note: {n}" for n in outcome["notes"]), sep="\n")
-
-
-def run(params: dict, cfg: SampleConfig, source: Path, out: Path, runs: Path, *, mask: str = "box",
-        mask_white_is_visible: bool = False, device: str | None = None) -> None:
-    """The inpaint command: the mask option is checked before the model loads, each file's outcome
-    is printed as it finishes, and a failed file fails the command once the others are done."""
-    check_mask_option(mask, image_files(source))
-    model = Inpainter.from_runs(runs, device)
-    report = inpaint_files(model, source, out, cfg, section(params, "masks"), mask=mask,
-                           mask_white_is_visible=mask_white_is_visible, runs=runs, on_file=print_outcome)
-    failed = sum(r["status"] == FAILED for r in report["images"].values())
-    if failed:
-        raise RuntimeError(f"{failed} of {len(report['images'])} images failed (see {Path(out) / 'settings.json'})")
+def _paste(image: np.ndarray, mask: np.ndarray, small: np.ndarray) -> np.ndarray:
+    """A model-size sample (S', S', 3) uint8 resized to the image's size and pasted into its hole."""
+    h, w = mask.shape
+    full = np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC))  # (H, W, 3)
+    return np.where(mask.astype(bool)[..., None], image, full)

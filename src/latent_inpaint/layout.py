@@ -8,8 +8,10 @@ DEFAULT_DATA = "data/default"  # the embedded default dataset
 SHARDS = "data/shards"
 MASKS = "data/masks"
 TOKENS = "data/tokens"
-RUNS = "runs"  # runs/<stage>/: checkpoint/, final/, metrics.json, history.jsonl
+RUNS = "runs"  # runs/<stage>/: checkpoint/, final/, metrics.json, history.jsonl, curves.json
+CURVES = "curves.json"  # in a run folder: history.jsonl as one JSON list, what `dvc plots` reads
 RESULTS = "results"
+PLOTS = "plots"  # results/plots/: the evaluation and ablation numbers as records, for `dvc plots`
 LOGS = "logs"
 
 

@@ -87,6 +87,7 @@ def sample(
     anneal: float,
     generators: Sequence[torch.Generator] | None = None,
     seeds: Sequence[int] | None = None,
+    first_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fill every masked position of `tokens` (B, N) long; `visible` (B, N) bool -> (B, N) long.
 
@@ -102,12 +103,18 @@ def sample(
     argmax, and the acceptance order uses the untempered probabilities (at T = 0 every maximum
     probability is 1). Tokens are drawn with the Gumbel-max trick, which is exactly a draw from
     softmax(logits / T_i).
+
+    first_logits: model(tokens, visible) (B, N, K) when the caller has it already: the samples of
+    one image share their input, so their first step's logits are computed once and expanded
+    (the draws stay per row).
     """
     if temperature < 0 or anneal < 0:
         raise ValueError(f"temperature and anneal must be non-negative, got {temperature}, {anneal}")
     if tokens.shape != visible.shape or tokens.dim() != 2:
         raise ValueError(f"tokens {tuple(tokens.shape)} and visible {tuple(visible.shape)} must be the same (B, N)")
     b, n = tokens.shape
+    if first_logits is not None and first_logits.shape[:2] != (b, n):
+        raise ValueError(f"first_logits must be (B, N, K) = ({b}, {n}, K), got {tuple(first_logits.shape)}")
     generators = _generators(b, generators, seeds)
     visible = visible.bool().clone()
     tokens = torch.where(visible, tokens, torch.zeros_like(tokens))
@@ -119,7 +126,7 @@ def sample(
     for i in range(steps):
         if visible.all():
             break
-        logits = model(tokens, visible).float()  # (B, N, K)
+        logits = (first_logits if i == 0 and first_logits is not None else model(tokens, visible)).float()  # (B, N, K)
         t = temperature * anneal**i
         if t > 0:
             logits = logits / t

@@ -188,14 +188,16 @@ def start_from(folder: str | os.PathLike, name: str, module: nn.Module) -> nn.Mo
     return module
 
 
-def export_final(run_dir: str | os.PathLike, stage: str, modules: Mapping[str, nn.Module], source: str) -> Path:
+def export_final(run_dir: str | os.PathLike, stage: str, modules: Mapping[str, nn.Module], source: str,
+                 **details) -> Path:
     """Write modules that were not trained here (an imported checkpoint) as a stage's final/, in
-    the format trained ones have, atomically; `source` says where they came from."""
+    the format trained ones have, atomically; `source` says where they came from, `details` (into
+    config.json) what else is known of it."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     recover(run_dir, FINAL)
     with staging(run_dir, FINAL) as tmp:
-        write_model(tmp, {"stage": stage, "config": {}, "step": 0, "steps": 0, "imported_from": source}, modules)
+        write_model(tmp, {"stage": stage, "config": {}, "step": 0, "steps": 0, "imported_from": source, **details}, modules)
     return run_dir / FINAL
 
 

@@ -5,12 +5,10 @@ share an id that the Snakefile puts in the environment (`LATENT_INPAINT_INVOCATI
 `ensure_invocation`): the first to start creates the parent run tagged with it, the others find
 it, under a file lock in the working directory. A standalone CLI call gets a parent of its own.
 
-The store is the `tracking.uri` param, else `$MLFLOW_TRACKING_URI`, else an SQLite file in the
-working directory with artifacts beside it in `mlruns/`. SQLite lets one writer in at a time and
-answers a second, concurrent one with "database is locked" rather than waiting in every case, so
-for SQLite stores every write goes through the same file lock. A new SQLite store is built in a
-hidden sibling file and renamed into place when its schema is complete: a process killed while
-creating it leaves only that sibling, which the next run deletes and builds again.
+The store (mlflow_store.py) is the `tracking.uri` param, else `$MLFLOW_TRACKING_URI`, else an
+SQLite file in the working directory; for SQLite stores every write goes through its file lock.
+Every run is tagged with the git commit of the code (`mlflow.source.git.commit`) and whether
+tracked files differed from it.
 
 mlflow takes over a second to import, so it is imported only when a stage actually tracks.
 """
@@ -24,14 +22,17 @@ import logging
 import os
 import re
 import shutil
-import sys
+import subprocess
 import tempfile
 import time
 import uuid
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-from filelock import FileLock, Timeout
+from filelock import FileLock
+
+from .mlflow_store import artifact_root, experiment, locked, open_store, resolve_uri, workdir_of
+from .mlflow_store import lock as store_lock  # `lock` names a variable here
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -42,13 +43,13 @@ TRACKING_ENV = "LATENT_INPAINT_TRACKING"  # set by the Snakefile: tracking setti
 INVOCATION_ENV = "LATENT_INPAINT_INVOCATION"
 INVOCATION_TAG = "latent_inpaint.invocation"  # on the parent run
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting: the UI folds a child under its parent
-STATE_DIR = ".latent-inpaint"  # under the working directory: the lock file
-EMBEDDED_DB = "mlflow.db"
-EMBEDDED_ARTIFACTS = "mlruns"
-# `mlflow ui` otherwise starts a job-execution worker it does not need (ecosystem notes).
-UI_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+GIT_DIRTY_TAG = "latent_inpaint.git.dirty"  # "true" when tracked files differed from the commit
+WEIGHTS_TAG = "latent_inpaint.weights"  # a trained stage's final/ folder, absolute
+WEIGHTS_DVC_TAG = "latent_inpaint.weights.dvc"  # the same, relative to the project: DVC's path
+WEIGHTS_ARTIFACTS = "weights"  # with tracking.log_models: the final/ folder as artifacts
+EVALUATION_ARTIFACTS = "evaluation"
 
-LOCK_TIMEOUT_S = 300.0
 _log = logging.getLogger(__name__)
 
 
@@ -61,29 +62,9 @@ def tracking_config(params: Mapping[str, Any]) -> TrackingConfig:
     return section(params, "tracking")
 
 
-def resolve_uri(cfg: TrackingConfig, workdir: str | os.PathLike | None = None) -> str:
-    """params `tracking.uri`, else $MLFLOW_TRACKING_URI, else `<workdir>/mlflow.db` (absolute)."""
-    if cfg.uri:
-        return cfg.uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{_workdir(workdir) / EMBEDDED_DB}"
-
-
 def ensure_invocation() -> str:
     """The current invocation id; a new one is put in the environment for child processes."""
     return os.environ.setdefault(INVOCATION_ENV, uuid.uuid4().hex)
-
-
-def ui_command(cfg: TrackingConfig, workdir: str | os.PathLike | None = None, port: int = 5000) -> list[str]:
-    """argv that serves the store in the MLflow UI on 127.0.0.1; run it with `UI_ENV` added."""
-    return [
-        sys.executable, "-m", "mlflow", "ui",
-        "--backend-store-uri", resolve_uri(cfg, workdir),
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--workers", "1",
-    ]  # fmt: skip
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -119,34 +100,18 @@ def stage_run(
     if not cfg.enabled:
         yield Tracker()
         return
-    invocation = os.environ.get(INVOCATION_ENV) or uuid.uuid4().hex
-    if not re.fullmatch(r"[A-Za-z0-9_\-.]+", invocation):  # it goes into a search filter
-        raise ValueError(f"{INVOCATION_ENV} must use only letters, digits, '_', '-' and '.', got {invocation!r}")
-    workdir = _workdir(workdir)
-    uri = resolve_uri(cfg, workdir)
-    (workdir / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    lock = FileLock(workdir / STATE_DIR / "mlflow.lock", timeout=LOCK_TIMEOUT_S)
-    # The lock makes find-or-create of the parent atomic, and keeps two processes from running a
-    # fresh SQLite store's schema migrations at once.
-    with _locked(lock):
-        client = _open(uri)
-        embedded = uri == f"sqlite:///{workdir / EMBEDDED_DB}"
-        exp_id = _experiment(client, cfg.experiment, workdir / EMBEDDED_ARTIFACTS if embedded else None)
-        found = client.search_runs([exp_id], f"tags.`{INVOCATION_TAG}` = '{invocation}'", max_results=1)
-        if found:
-            parent = found[0].info.run_id
-        else:
-            name = f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}-{invocation[:8]}"
-            parent = client.create_run(exp_id, run_name=name, tags={INVOCATION_TAG: invocation}).info.run_id
-        child = client.create_run(exp_id, run_name=stage, tags={PARENT_TAG: parent}).info.run_id
+    opened = _Invocation.open(cfg, workdir)
+    client, exp_id, parent = opened.client, opened.exp_id, opened.parent
+    with locked(opened.lock):
+        child = client.create_run(exp_id, run_name=stage, tags={PARENT_TAG: parent, **opened.git}).info.run_id
         _settle(client, exp_id, parent)
 
     def end(status: str) -> None:
-        with _locked(lock):
+        with locked(opened.lock):
             client.set_terminated(child, status)
             _settle(client, exp_id, parent)
 
-    tracker = Tracker(client, child, cfg.log_images, lock if uri.startswith("sqlite:") else None)
+    tracker = opened.tracker(child, cfg)
     try:
         from mlflow.entities import Param
 
@@ -161,6 +126,78 @@ def stage_run(
     end("FINISHED")
 
 
+@contextlib.contextmanager
+def invocation_run(cfg: TrackingConfig, workdir: str | os.PathLike | None = None) -> Iterator[Tracker]:
+    """The invocation's parent run itself, for what belongs to the whole pipeline run (the report,
+    every evaluation's numbers); found or created as `stage_run` does, its status left to its
+    children. With `cfg.enabled` false the tracker does nothing."""
+    if not cfg.enabled:
+        yield Tracker()
+        return
+    opened = _Invocation.open(cfg, workdir)
+    yield opened.tracker(opened.parent, cfg)
+    with locked(opened.lock):
+        _settle(opened.client, opened.exp_id, opened.parent)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Invocation:
+    """An opened store with this invocation's parent run in the experiment."""
+
+    client: MlflowClient
+    uri: str
+    workdir: Path
+    lock: FileLock
+    exp_id: str
+    parent: str
+    git: dict[str, str]  # the git tags every run gets
+
+    @classmethod
+    def open(cls, cfg: TrackingConfig, workdir: str | os.PathLike | None) -> _Invocation:
+        invocation = os.environ.get(INVOCATION_ENV) or uuid.uuid4().hex
+        if not re.fullmatch(r"[A-Za-z0-9_\-.]+", invocation):  # it goes into a search filter
+            raise ValueError(f"{INVOCATION_ENV} must use only letters, digits, '_', '-' and '.', got {invocation!r}")
+        workdir = workdir_of(workdir)
+        uri = resolve_uri(cfg, workdir)
+        lock = store_lock(workdir)
+        commit, dirty = git_state(Path(__file__).parent, workdir)
+        git = {GIT_COMMIT_TAG: commit, GIT_DIRTY_TAG: dirty}
+        # The lock makes find-or-create of the parent atomic, and keeps two processes from running
+        # a fresh SQLite store's schema migrations at once.
+        with locked(lock):
+            client = open_store(uri)
+            exp_id = experiment(client, cfg.experiment, artifact_root(uri))
+            found = client.search_runs([exp_id], f"tags.`{INVOCATION_TAG}` = '{invocation}'", max_results=1)
+            if found:
+                parent = found[0].info.run_id
+            else:
+                name = f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}-{invocation[:8]}"
+                tags = {INVOCATION_TAG: invocation, **git}
+                parent = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+        return cls(client, uri, workdir, lock, exp_id, parent, git)
+
+    def tracker(self, run_id: str, cfg: TrackingConfig) -> Tracker:
+        write_lock = self.lock if self.uri.startswith("sqlite:") else None
+        return Tracker(self.client, run_id, cfg.log_images, write_lock, cfg.log_models, self.workdir)
+
+
+def git_state(*folders: str | os.PathLike) -> tuple[str, str]:
+    """(commit, "true"/"false": tracked files differ from it) of the first git checkout among
+    `folders`; ("unknown", "unknown") without git or outside any checkout."""
+    def git(folder, *args: str) -> str:
+        return subprocess.run(["git", "--no-optional-locks", "-C", str(folder), *args], capture_output=True,
+                              text=True, timeout=60, check=True).stdout.strip()  # fmt: skip
+
+    for folder in folders:
+        try:
+            commit = git(folder, "rev-parse", "HEAD")
+            changed = git(folder, "status", "--porcelain", "--untracked-files=no")
+        except (OSError, subprocess.SubprocessError):
+            continue
+        return commit, "true" if changed else "false"
+    return "unknown", "unknown"
+
+
 class Tracker:
     """What a stage logs to its own child run. Inert when disabled.
 
@@ -169,12 +206,14 @@ class Tracker:
     compare view draws on one chart.
     """
 
-    def __init__(self, client: MlflowClient | None = None, run_id: str | None = None,
-                 log_images: bool = False, write_lock: FileLock | None = None):  # fmt: skip
+    def __init__(self, client: MlflowClient | None = None, run_id: str | None = None, log_images: bool = False,
+                 write_lock: FileLock | None = None, log_models: bool = False, workdir: Path | None = None):  # fmt: skip
         self.run_id = run_id
         self._client = client
         self._log_images = log_images
         self._write_lock = write_lock  # SQLite answers concurrent writers with errors
+        self._log_models = log_models
+        self._workdir = workdir
 
     @property
     def enabled(self) -> bool:
@@ -225,67 +264,56 @@ class Tracker:
         if self._client is not None:
             self._client.log_dict(self.run_id, d, name if name.lower().endswith(".json") else f"{name}.json")
 
-    def _log_batch(self, metrics=(), params=()) -> None:
-        """MLflow caps a batch at 1000 metrics and 100 params."""
-        with contextlib.nullcontext() if self._write_lock is None else _locked(self._write_lock):
+    def log_weights(self, folder: str | os.PathLike) -> None:
+        """Tag where a stage's trained weights are: `folder` (its final/) and its path in the project,
+        the one DVC tracks; with params tracking.log_models, the folder itself under `weights/`."""
+        if self._client is None:
+            return
+        from mlflow.entities import RunTag
+
+        folder = Path(folder).resolve()
+        tags = [RunTag(WEIGHTS_TAG, str(folder))]
+        if self._workdir is not None and folder.is_relative_to(self._workdir):
+            tags.append(RunTag(WEIGHTS_DVC_TAG, folder.relative_to(self._workdir).as_posix()))
+        self._log_batch(tags=tags)
+        if self._log_models:
+            self.log_artifact(folder, WEIGHTS_ARTIFACTS)
+
+    def log_evaluation(self, result: Mapping[str, Any] | str | os.PathLike, name: str) -> None:
+        """An evaluation's result (its JSON file, or the dict): the JSON as `evaluation/<name>.json`
+        and every number in it as a metric named by its keys under `name` (`evaluate/ours/box/fid`)."""
+        if self._client is None:
+            return
+        from mlflow.entities import Metric
+
+        if not isinstance(result, Mapping):
+            result = json.loads(Path(result).read_text())
+        self.log_dict(result, f"{EVALUATION_ARTIFACTS}/{name}")
+        now = int(time.time() * 1000)
+        self._log_batch(metrics=[Metric(k, v, now, 0) for k, v in numbers(result, f"{name}/").items()])
+
+    def _log_batch(self, metrics=(), params=(), tags=()) -> None:
+        """MLflow caps a batch at 1000 metrics and 100 params or tags."""
+        with contextlib.nullcontext() if self._write_lock is None else locked(self._write_lock):
             for i in range(0, len(metrics), 1000):
                 self._client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
             for i in range(0, len(params), 100):
                 self._client.log_batch(self.run_id, params=params[i : i + 100])
+            for i in range(0, len(tags), 100):
+                self._client.log_batch(self.run_id, tags=tags[i : i + 100])
 
 
-def sqlite_file(uri: str) -> Path | None:
-    """The database file of a `sqlite:///` URI; None for other stores and in-memory databases."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///"):].split("?")[0]
-    return Path(path) if path and path != ":memory:" else None
-
-
-def _create_sqlite(db: Path) -> None:
-    """Run a new store's migrations in `.<name>.creating-<pid>`, then rename it to `db`."""
-    from mlflow import MlflowClient
-
-    for stale in db.parent.glob(f".{db.name}.creating-*"):  # a killed creation's leftover
-        stale.unlink()
-    tmp = db.with_name(f".{db.name}.creating-{os.getpid()}")
-    try:
-        MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
-        os.replace(tmp, db)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _open(uri: str) -> MlflowClient:
-    try:
-        from mlflow import MlflowClient
-
-        db = sqlite_file(uri)
-        if db is not None and not db.exists():
-            _create_sqlite(db)
-        client = MlflowClient(tracking_uri=uri)
-        client.search_experiments(max_results=1)  # reaches the store: migrates or fails here
-        return client
-    except Exception as exc:
-        raise RuntimeError(
-            f"cannot open the MLflow tracking store {uri!r}: {exc}\n"
-            "Set params tracking.uri or the MLFLOW_TRACKING_URI environment variable to a "
-            "store that works (e.g. sqlite:///mlflow.db or http://127.0.0.1:5000), or turn "
-            "tracking off with tracking.enabled: false."
-        ) from exc
-
-
-def _experiment(client: MlflowClient, name: str, artifacts: Path | None) -> str:
-    """The id of experiment `name`, created (with its artifacts in `artifacts`) when missing."""
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        return client.create_experiment(name, artifact_location=artifacts and artifacts.as_uri())
-    if exp.lifecycle_stage == "deleted":
-        raise RuntimeError(
-            f"MLflow experiment {name!r} is deleted: restore it (mlflow experiments restore "
-            f"--experiment-id {exp.experiment_id}) or choose another name in params tracking.experiment"
-        )
-    return exp.experiment_id
+def numbers(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers in a JSON tree by their key paths ({"a": {"b": 1}} -> {"a/b": 1.0}), named as
+    MLflow allows; flags, text and lists are left out."""
+    found: dict[str, float] = {}
+    for key, value in tree.items():
+        name = prefix + re.sub(r"[^\w\-. :]", "", str(key)).strip()
+        if isinstance(value, Mapping):
+            found.update(numbers(value, f"{name}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[name] = float(value)
+    return found
 
 
 def _settle(client: MlflowClient, exp_id: str, parent: str) -> None:
@@ -304,23 +332,7 @@ def _settle(client: MlflowClient, exp_id: str, parent: str) -> None:
         client.set_terminated(parent, "FINISHED")  # stamps the end time
 
 
-def _workdir(workdir: str | os.PathLike | None) -> Path:
-    return (Path.cwd() if workdir is None else Path(workdir)).resolve()
-
-
 def _folder(name: str) -> str | None:
     """The folder part of an artifact name; None for the run's top folder."""
     parent = PurePosixPath(name).parent.as_posix()
     return None if parent == "." else parent
-
-
-@contextlib.contextmanager
-def _locked(lock: FileLock) -> Iterator[None]:
-    try:
-        with lock:
-            yield
-    except Timeout:
-        raise RuntimeError(
-            f"waited {LOCK_TIMEOUT_S:.0f} s for the tracking lock {lock.lock_file}: is another "
-            "latent-inpaint process stuck? (A lock on a network file system may never be granted.)"
-        ) from None

@@ -10,11 +10,41 @@ import argparse
 import dataclasses
 from collections.abc import Callable
 
+from . import layout
 from .config import SEED_LIMIT, ConfigError, SampleConfig
 
 
 class UsageError(ValueError):
     """A command-line option or argument cannot be used; the message names it."""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.default is argparse.SUPPRESS:
+            return text
+        if action.required:
+            return f"{text} (required)"
+        if action.const is True and action.default is False:  # a switch
+            return f"{text} (default: off)"
+        return f"{text} (default: %(default)s)"
+
+
+FOLDERS = {"runs": layout.RUNS, "vqgan": layout.run_dir("vqgan"), "shards": layout.SHARDS, "tokens": layout.TOKENS,
+           "masks": layout.MASKS}  # the CLI's usual folder options and their defaults
+FOLDER_HELP = {  # every folder option's help
+    "runs": "folder holding vqgan/ encoder/ transformer/ decoder/",
+    "vqgan": "the VQGAN's run folder (its final/ is loaded)",
+    "shards": "the WebDataset shards (`prepare` writes them)",
+    "tokens": "the VQGAN tokens of every split (`tokenize` writes them)",
+    "masks": "the fixed evaluation masks (`masks` writes them)",
+    "run_dir": "the run folder: checkpoint/, final/, metrics.json, curves",
+    "default_dir": "where the embedded default dataset is built when data.source is default",
+    "results": "the results folder: metrics.json, ablations/, report.md is written here",
+    "out": "where this command writes",
+}
 
 
 def at_least(lo: int) -> Callable[[str], int]:

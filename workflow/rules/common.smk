@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
-from dag import STAGES, ablation_files, code_digest, dvc_yaml, inputs, targets  # noqa: E402
+from dag import IMPORT, STAGES, code_digest, dvc_yaml, inputs, pipeline, skipped_ablations, targets  # noqa: E402
 from latent_inpaint.config import ConfigError, validate  # noqa: E402
 from latent_inpaint.layout import LOGS  # noqa: E402
 from latent_inpaint.tracking import TRACKING_ENV, ensure_invocation  # noqa: E402
@@ -22,6 +22,7 @@ except ConfigError as exc:
     sys.exit(2)  # the CLI's code for usage and parameter errors
 
 PROJECT = Path(workflow.basedir)
+RULES = pipeline(config)  # the rules this config runs (workflow/dag.py)
 # The project's one software environment, for `--sdm conda`; otherwise the active one (.venv).
 ENV = "../envs/latent-inpaint.yaml"
 TRAIN = config["train"]
@@ -39,9 +40,32 @@ if (PROJECT / "dvc.yaml").is_file() and (PROJECT / "dvc.yaml").read_text() != dv
           "python workflow/dag.py > dvc.yaml", file=sys.stderr)
 
 
+# What `snakemake --report` shows: the outputs of these rules that have a caption in
+# workflow/report/ (<file name>.rst; a wildcard output's is <rule>.rst), by category.
+CAPTIONS = PROJECT / "workflow" / "report"
+SHOWN = {"masks": "Evaluation masks", "evaluate": "Evaluation", "ablation": "Ablations", "report": "Report"}
+
+
+def shown(rule, files):
+    """`files` (one output of `rule`, or several), those with a caption marked report()."""
+    if isinstance(files, str):
+        return shown(rule, [files])[0]
+    marked = []
+    for file in files:
+        stem = Path(file).stem
+        caption = CAPTIONS / f"{rule if '{' in stem else stem}.rst"
+        marked.append(report(file, caption=str(caption), category=SHOWN[rule]) if caption.is_file() else file)
+    return marked
+
+
 def folder(path, up=1):
     """The folder `up` levels above a file: data/shards/manifest.json -> data/shards."""
     return str(Path(path).parents[up - 1])
+
+
+def runs_folder(input):
+    """The runs/ folder above the final/ of the models among `input`, trained or imported."""
+    return next(folder(f, 3) for f in input if Path(f).parts[-2:] == ("final", "config.json"))
 
 
 def sections(rule):

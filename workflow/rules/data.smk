@@ -45,7 +45,7 @@ rule masks:
     input:
         **inputs("masks", config),
     output:
-        STAGES["masks"].done,
+        shown("masks", STAGES["masks"].done),
     params:
         cfg=sections("masks"),
         code=code("masks"),

@@ -7,14 +7,14 @@ rule evaluate:
     input:
         **inputs("evaluate", config),
     output:
-        metrics=STAGES["evaluate"].done[0],
-        table=STAGES["evaluate"].done[1],
+        metrics=shown("evaluate", STAGES["evaluate"].done[0]),
+        table=shown("evaluate", STAGES["evaluate"].done[1]),
     params:
         cfg=sections("evaluate"),
         code=code("evaluate"),
         shards=lambda w, input: folder(input.prepare),
         masks=lambda w, input: folder(input.masks[0]),
-        runs=lambda w, input: folder(input.vqgan, 3),
+        runs=lambda w, input: runs_folder(input),
     log:
         f"{LOGS}/evaluate.log",
     conda:
@@ -31,13 +31,13 @@ rule ablation:
     input:
         unpack(lambda wc: inputs("ablation", config, variant=wc.variant)),
     output:
-        STAGES["ablation"].done,
+        shown("ablation", STAGES["ablation"].done),
     params:
         cfg=sections("ablation"),
         code=code("ablation"),
         shards=lambda w, input: folder(input.prepare),
         masks=lambda w, input: folder(input.masks[0]),
-        runs=lambda w, input: folder(input.vqgan, 3),
+        runs=lambda w, input: runs_folder(input),
     log:
         f"{LOGS}/ablation_{{variant}}.log",
     conda:
@@ -54,14 +54,15 @@ rule report:
     input:
         **inputs("report", config),
     output:
-        STAGES["report"].outputs,
+        shown("report", RULES["report"].outputs),
     params:
         cfg=sections("report"),
         code=code("report"),
         shards=lambda w, input: folder(input.prepare),
         masks=lambda w, input: folder(input.masks[0]),
-        runs=lambda w, input: folder(input.vqgan, 3),
+        runs=lambda w, input: runs_folder(input),
         results=lambda w, output: folder(output[0]),
+        skipped=json.dumps(skipped_ablations(config)),
     log:
         f"{LOGS}/report.log",
     conda:
@@ -70,4 +71,5 @@ rule report:
         **job_resources("report"),
     shell:
         "latent-inpaint report --quiet --config-json {params.cfg:q} --results {params.results} --runs {params.runs}"
-        " --shards {params.shards} --masks {params.masks} --ablations {input.ablation} 2>&1 | tee {log}"
+        " --shards {params.shards} --masks {params.masks} --ablations {input.ablation}"
+        " --skipped-ablations {params.skipped:q} 2>&1 | tee {log}"

@@ -19,6 +19,7 @@ import signal
 import tarfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -358,13 +359,18 @@ def split_keys(shards_dir: Path, split: str) -> list[str]:
 
 def shard_images(shards_dir: Path, split: str, limit: int) -> list[tuple[str, np.ndarray]]:
     """The first `limit` (key, (H, W, 3) uint8 image) pairs of a split, in `split_keys` order."""
-    out = []
+    return list(iter_shard_images(shards_dir, split, limit))
+
+
+def iter_shard_images(shards_dir: Path, split: str, limit: int) -> Iterator[tuple[str, np.ndarray]]:
+    """`shard_images` one image at a time, decoded as it is read: memory flat in `limit`."""
+    count = 0
     for tar_path in shard_paths(shards_dir, split):
         with tarfile.open(tar_path) as tar:
             for member in tar:
-                if len(out) == limit:
-                    return out
+                if count == limit:
+                    return
                 key, _, ext = member.name.rpartition(".")
                 if ext in ("png", "jpg"):
-                    out.append((key, decode(tar.extractfile(member).read())))
-    return out
+                    count += 1
+                    yield key, decode(tar.extractfile(member).read())

@@ -1,12 +1,24 @@
 """Evaluation (paper Sec. 4): FID for small, large and box masks on the test split with the fixed
 mask sets, hole-region L1/PSNR and SSIM, and LPIPS diversity under the box mask; for our model
-and for a classical reference (biharmonic inpainting) that nobody here trained. Also the
-ablations (paper Tables 2 and 3): one variant of the trained model per name, see ABLATIONS."""
+and for a classical reference (biharmonic inpainting) that nobody here trained, on the first
+evaluate.baseline_images test images. Also the ablations (paper Tables 2 and 3): one variant of
+the trained model per name, see ABLATIONS.
+
+Streaming: the test images are read, inpainted and scored evaluate.batch_size at a time; what
+stays is FID's FeatureStats (at most fid_dims^2 floats each), running sums of the hole metrics
+and one diversity score per image, so memory does not grow with the test set. Each finished
+part (a mask type or the diversity, per method) is written at once to `<out>.partial`, keyed by
+everything that determines it (variant, params, device, the models' final/ files, shards, masks,
+the code); a rerun after a kill skips the parts it finds there under the same key and gives the
+same metrics JSON as an uninterrupted run. A partial file under another key is ignored."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Callable
 
@@ -14,12 +26,12 @@ import numpy as np
 from PIL import Image
 
 from ..config import ABLATIONS, ConfigError, EvaluateConfig, SampleConfig, WeightsConfig, section, to_dict
-from ..data.ingest import shard_images
+from ..data.ingest import iter_shard_images, shards_fingerprint, split_keys
 from ..evaluate.baseline import biharmonic_inpaint
-from ..evaluate.fid import FID
+from ..evaluate.fid import FID, FeatureStats
 from ..evaluate.metrics import diversity, diversity_summary, hole_l1, hole_psnr, ssim
 from ..evaluate.report import table_markdown, write_metrics_json
-from ..files import atomic_write
+from ..files import atomic_write, sha256_file
 from ..inpaint import Inpainter, pick_device
 from ..losses import load_lpips
 from ..masks import KINDS, read_eval_mask
@@ -27,8 +39,10 @@ from ..pictures import grid, inpainting_row
 from ..tracking import stage_run, tracking_config
 from ..weights import stand_ins
 
-# (image uint8 (H, W, 3), mask (H, W) 1 = visible, samples, seed) -> samples x (H, W, 3) uint8
-Method = Callable[[np.ndarray, np.ndarray, int, int], list[np.ndarray]]
+# (images uint8 (H, W, 3), masks (H, W) 1 = visible, samples, one seed per image)
+#   -> per image `samples` x (H, W, 3) uint8
+Method = Callable[[list[np.ndarray], list[np.ndarray], int, list[int]], list[list[np.ndarray]]]
+Batch = tuple[list[int], list[np.ndarray], list[np.ndarray]]  # (indices in the split, images, masks)
 
 OURS, BASELINE = "ours", "biharmonic (classical)"
 _FIXED = {"full": {}, "vanilla_encoder": {"encoder": "encoder_vanilla"}, "miracle_encoder": {"encoder": "miracle"},
@@ -50,54 +64,151 @@ def parse_variant(name: str, sample: SampleConfig) -> tuple[dict, SampleConfig]:
 
 
 def ours(inpainter: Inpainter, sample: SampleConfig) -> Method:
-    return lambda image, mask, samples, seed: inpainter.inpaint(image, mask, sample, samples, seed)
+    return lambda images, masks, samples, seeds: inpainter.inpaint_many(images, masks, sample, samples, seeds)
 
 
-def biharmonic(image: np.ndarray, mask: np.ndarray, samples: int, seed: int) -> list[np.ndarray]:
-    return [biharmonic_inpaint(image, mask)] * samples  # deterministic: every "sample" is the same
+def biharmonic(images: list[np.ndarray], masks: list[np.ndarray], samples: int,
+               seeds: list[int]) -> list[list[np.ndarray]]:
+    # deterministic: every "sample" of an image is the same fill
+    return [[biharmonic_inpaint(image, mask)] * samples for image, mask in zip(images, masks)]
 
 
-def masked_images(images: list[tuple[str, np.ndarray]], masks_dir: Path, split: str, kind: str):
-    """(index, image, its fixed evaluation mask of `kind`) for each (key, image) of a split."""
-    for index, (key, image) in enumerate(images):
-        yield index, image, read_eval_mask(masks_dir, split, kind, key)
+def masked_batches(shards_dir: Path, masks_dir: Path, split: str, kind: str, count: int,
+                   batch_size: int) -> Iterator[Batch]:
+    """The first `count` images of a split with their fixed evaluation masks of `kind`,
+    `batch_size` at a time; only the batch at hand is ever decoded."""
+    batch = []
+    for index, (key, image) in enumerate(iter_shard_images(shards_dir, split, count)):
+        batch.append((index, image, read_eval_mask(masks_dir, split, kind, key)))
+        if len(batch) == batch_size:
+            yield tuple(map(list, zip(*batch)))
+            batch = []
+    if batch:
+        yield tuple(map(list, zip(*batch)))
+
+
+def score_kind(method: Method, batches: Iterator[Batch], fid: FID,
+               real: FeatureStats | None = None) -> tuple[dict, FeatureStats]:
+    """One sample per image (seeded by its index): FID against the real images and the mean hole
+    L1/PSNR and SSIM, batch by batch. The real images' FeatureStats are gathered on the way unless
+    given; returned for the next mask type."""
+    fake, gathered = FeatureStats(fid.dims), None if real is not None else FeatureStats(fid.dims)
+    sums, count = np.zeros(3), 0
+    for indices, images, masks in batches:
+        outputs = [out for (out,) in method(images, masks, 1, indices)]
+        fake.add(fid.features(np.stack(outputs)))
+        if gathered is not None:
+            gathered.add(fid.features(np.stack(images)))
+        sums += np.sum([(hole_l1(o, i, m), hole_psnr(o, i, m), ssim(o, i))
+                        for o, i, m in zip(outputs, images, masks)], axis=0)
+        count += len(images)
+    real = real if real is not None else gathered
+    l1, psnr, ssim_mean = sums / count
+    return {"fid": fid.fid(real, fake), "hole_l1": float(l1), "hole_psnr": float(psnr), "ssim": float(ssim_mean)}, real
+
+
+def score_diversity(method: Method, batches: Iterator[Batch], samples: int, lpips) -> list[float]:
+    """(mean, std) over images of the mean pairwise LPIPS of `samples` samples per image (seeds
+    1000 x index)."""
+    scores = [diversity(drawn, lpips) for indices, images, masks in batches
+              for drawn in method(images, masks, samples, [1000 * i for i in indices])]
+    return list(diversity_summary(scores))
+
+
+class Progress:
+    """The finished parts of one evaluation ({method: {kind or "diversity": result}}), rewritten
+    atomically to `path` as each finishes, under the key of the inputs they were computed from.
+    Parts found there under the same key are taken as done; under another key, or unreadable,
+    the file is ignored and replaced by the first part that finishes."""
+
+    def __init__(self, path: Path | None, key: str):
+        self.path, self.key, self.done = path, key, {}
+        if path is not None and path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                saved = {}
+            if isinstance(saved, dict) and saved.get("key") == key and isinstance(saved.get("done"), dict):
+                self.done = saved["done"]
+        self.resumed = sum(len(parts) for parts in self.done.values())
+
+    def get(self, method: str, part: str):
+        return self.done.get(method, {}).get(part)
+
+    def put(self, method: str, part: str, result) -> None:
+        self.done.setdefault(method, {})[part] = result
+        if self.path is not None:
+            write_metrics_json(self.path, {"key": self.key, "done": self.done})
+
+    def finish(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def partial_path(out: Path) -> Path:
+    return Path(out).with_name(Path(out).name + ".partial")
+
+
+def inputs_key(settings: Mapping, runs: Path, shards: Path, masks: Path) -> str:
+    """A digest of what an evaluation's numbers depend on: `settings` (variant, params, device),
+    the identity (path, size, mtime) of every runs/*/final/ file, the shards' and masks' manifests
+    and this package's code."""
+    package = Path(__file__).resolve().parents[1]
+    models = sorted((str(f.relative_to(runs)), f.stat().st_size, f.stat().st_mtime_ns)
+                    for f in Path(runs).glob("*/final/*") if f.is_file())
+    code = hashlib.sha256()
+    for f in sorted(package.rglob("*.py")):
+        code.update(str(f.relative_to(package)).encode() + b"\0" + f.read_bytes())
+    manifest = Path(masks) / "manifest.json"
+    key = {"settings": settings, "models": models, "shards": shards_fingerprint(shards),
+           "masks": sha256_file(manifest) if manifest.is_file() else None, "code": code.hexdigest()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def evaluate_methods(methods: dict[str, Method], shards_dir: Path, masks_dir: Path, cfg: EvaluateConfig,
                      weights: WeightsConfig, device: str = "cpu", split: str = "test",
-                     kinds: tuple[str, ...] = KINDS, with_diversity: bool = True) -> dict:
+                     kinds: tuple[str, ...] = KINDS, with_diversity: bool = True,
+                     limits: Mapping[str, int] | None = None, progress: Progress | None = None) -> dict:
     """{method: {"<kind>": {"fid", "hole_l1", "hole_psnr", "ssim"}, "diversity": [mean, std]}},
-    plus which numbers rest on stand-in weights."""
-    images = shard_images(shards_dir, split, max(cfg.fid_images, cfg.diversity_images))
-    if len(images) < 2:
-        raise ValueError(f"{shards_dir}: the {split} split has {len(images)} image(s); FID needs at least 2")
+    plus which numbers rest on stand-in weights and how many images each used. `limits`: at most
+    that many images for a method (the baseline's subset); `progress`: parts already done are
+    taken from it, and each part is put there as it finishes."""
+    limits, progress = limits or {}, progress or Progress(None, "")
+    available = len(split_keys(shards_dir, split))
+    limits = {name: limits[name] for name in methods if name in limits}
+    if min(available, cfg.fid_images, *limits.values()) < 2:
+        raise ValueError(f"{shards_dir}: the {split} split has {available} image(s) (at most {cfg.fid_images}, "
+                         f"{limits or 'no other limit'}); FID needs at least 2")
     fid = FID(weights.inception, device=device, batch_size=cfg.batch_size, dims=cfg.fid_dims)
-    scored = images[: cfg.fid_images]
-    real_features = fid.features(np.stack([im for _, im in scored]))
-    lpips = load_lpips(weights.vgg16) if with_diversity else None
+    lpips = None
+    real: dict[int, FeatureStats] = {}  # by image count: the baseline's subset has its own
     results: dict = {}
     for name, method in methods.items():
         results[name] = {}
+        limit = min(available, limits.get(name, available))
+        count = min(cfg.fid_images, limit)
         for kind in kinds:
-            outputs, l1s, psnrs, ssims = [], [], [], []
-            for index, image, mask in masked_images(scored, masks_dir, split, kind):
-                (out,) = method(image, mask, 1, index)
-                outputs.append(out)
-                l1s.append(hole_l1(out, image, mask))
-                psnrs.append(hole_psnr(out, image, mask))
-                ssims.append(ssim(out, image))
-            results[name][kind] = {
-                "fid": fid.fid(real_features, fid.features(np.stack(outputs))),
-                "hole_l1": float(np.mean(l1s)), "hole_psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)),
-            }
+            if progress.get(name, kind) is None:
+                batches = masked_batches(shards_dir, masks_dir, split, kind, count, cfg.batch_size)
+                scores, real[count] = score_kind(method, batches, fid, real.get(count))
+                progress.put(name, kind, scores)
+            results[name][kind] = progress.get(name, kind)
         if with_diversity:
-            scores = [diversity(method(image, mask, cfg.diversity_samples, 1000 * index), lpips)
-                      for index, image, mask in masked_images(images[: cfg.diversity_images], masks_dir, split, "box")]
-            results[name]["diversity"] = list(diversity_summary(scores))
+            if progress.get(name, "diversity") is None:
+                if lpips is None:
+                    lpips = load_lpips(weights.vgg16).to(device)
+                # about batch_size samples per call, however many each image draws
+                per_call = max(1, cfg.batch_size // cfg.diversity_samples)
+                batches = masked_batches(shards_dir, masks_dir, split, "box", min(cfg.diversity_images, limit),
+                                         per_call)
+                progress.put(name, "diversity", score_diversity(method, batches, cfg.diversity_samples, lpips))
+            results[name]["diversity"] = progress.get(name, "diversity")
     results["stand_in"] = stand_ins(weights)
     results["fid_dims"] = cfg.fid_dims
-    results["images"] = {"fid": len(scored), "diversity": min(len(images), cfg.diversity_images),
-                         "samples": cfg.diversity_samples}
+    results["images"] = {"fid": min(available, cfg.fid_images),
+                         "diversity": min(available, cfg.diversity_images), "samples": cfg.diversity_samples}
+    if BASELINE in methods:
+        results["images"]["baseline"] = min(available, cfg.fid_images, limits.get(BASELINE, available))
     return results
 
 
@@ -120,8 +231,9 @@ def sample_grid(method: Method, shards_dir: Path, masks_dir: Path, count: int, s
     """Pluralistic samples side by side, like the paper's Figure 5 lower half: per row an input,
     the masked input (box), then the samples."""
     tiles = []
-    for index, image, mask in masked_images(shard_images(shards_dir, "test", count), masks_dir, "test", "box"):
-        tiles += inpainting_row(image, mask, method(image, mask, samples, 1000 * index))
+    for indices, images, masks in masked_batches(shards_dir, masks_dir, "test", "box", count, count):
+        for image, mask, drawn in zip(images, masks, method(images, masks, samples, [1000 * i for i in indices])):
+            tiles += inpainting_row(image, mask, drawn)
     return grid(tiles, cols=2 + samples)
 
 
@@ -131,7 +243,8 @@ def run(params: dict, variant: str, runs: Path, shards: Path, masks: Path, out: 
     """Score one variant of the trained model (see ABLATIONS; "full" is the model as trained) and,
     with `baseline` or variant "biharmonic", the classical reference; write the metrics JSON (and
     the Markdown table to `table`), log them; return a summary (with the table). `ablation`:
-    FID on the first evaluate.ablation_images test images (the paper's Table 2 subset)."""
+    FID on the first evaluate.ablation_images test images (the paper's Table 2 subset). Finished
+    parts are kept in `<out>.partial` until the JSON is written: a rerun after a kill resumes."""
     cfg, sample, weights = (section(params, name) for name in ("evaluate", "sample", "weights"))
     if ablation:
         cfg = dataclasses.replace(cfg, fid_images=cfg.ablation_images)
@@ -145,11 +258,15 @@ def run(params: dict, variant: str, runs: Path, shards: Path, masks: Path, out: 
         methods[BASELINE] = biharmonic
     # The run's params are the pipeline's; a variant's own setting is in its stage name.
     logged = {"sample": to_dict(sample), "evaluate": to_dict(cfg)}
+    settings = {"variant": variant, **logged, "weights": to_dict(weights), "device": str(device)}
+    progress = Progress(partial_path(out), inputs_key(settings, Path(runs), Path(shards), Path(masks)))
     with stage_run(f"evaluate_{variant.replace('.', '_')}", tracking_config(params), logged) as tracker:
         results = evaluate_methods(methods, Path(shards), Path(masks), cfg, weights, str(device), kinds=kinds,
-                                   with_diversity=diversity)
+                                   with_diversity=diversity, limits={BASELINE: cfg.baseline_images},
+                                   progress=progress)
         results["variant"] = variant
         write_metrics_json(out, results)
+        progress.finish()
         for method, r in results.items():
             if isinstance(r, dict):
                 name = re.sub(r"[^\w\-. ]", "", method).strip()  # MLflow's allowed metric characters
@@ -158,8 +275,18 @@ def run(params: dict, variant: str, runs: Path, shards: Path, masks: Path, out: 
         lines = []
         if table:
             rows, columns = table_rows(results)
-            text = table_markdown(rows, columns, f"Inpainting on the test split ({results['images']['fid']} images)",
+            text = table_markdown(rows, columns, f"Inpainting on the test split ({images_title(results['images'])})",
                                   stand_in=results["stand_in"])
             atomic_write(Path(table), text.encode())  # a killed job leaves no half table
             lines.append(text)
+    if progress.resumed:
+        lines.append(f"resumed {progress.resumed} finished part(s) from {partial_path(out)}")
     return "\n".join([*lines, f"metrics written to {out}"])
+
+
+def images_title(images: dict) -> str:
+    """"12 images", or "36500 images; biharmonic (classical) on the first 500" for a baseline subset."""
+    title = f"{images['fid']} images"
+    if images.get("baseline", images["fid"]) < images["fid"]:
+        title += f"; {BASELINE} on the first {images['baseline']}"
+    return title

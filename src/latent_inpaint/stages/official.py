@@ -15,9 +15,11 @@ import dataclasses
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
-from ..config import EncoderConfig, TransformerConfig, VQGANConfig, build, section, to_dict
+from ..config import (OFFICIAL_MODELS, ConfigError, EncoderConfig, TransformerConfig, VQGANConfig, build, section,
+                      to_dict)
 from ..decoder import OfficialDecoder
 from ..encoder import OfficialRestrictiveEncoder
 from ..official import CheckpointError, Taken, read_checkpoint, take
@@ -42,6 +44,19 @@ class Architecture:
     refiner_size: int
     refiner_channel_mult: tuple[int, ...]
 
+    @classmethod
+    def load(cls, path: str | Path) -> Architecture:
+        """Sizes from a YAML file with this class's fields (vqgan and transformer with the keys of
+        F16 and GPT below): models the authors' code trained at other widths."""
+        values = yaml.safe_load(Path(path).read_text())
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(values, dict) or set(values) != set(fields):
+            raise ConfigError(f"{path}: an architecture has exactly the keys {', '.join(fields)}")
+        for key, known in (("vqgan", F16), ("transformer", GPT)):
+            if not isinstance(values[key], dict) or set(values[key]) != set(known):
+                raise ConfigError(f"{path}: {key} has exactly the keys {', '.join(known)}")
+        return cls(**{**values, "refiner_channel_mult": tuple(values["refiner_channel_mult"])})
+
 
 F16 = {"base_channels": 128, "channel_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2, "attn_resolutions": [16],
        "z_channels": 256, "n_embed": 1024, "embed_dim": 256}
@@ -62,7 +77,7 @@ SOURCES = {
                "decoder": ("celeba_decoder.ckpt", "first_stage_model."), "refiner": ("celeba_decoder.ckpt", "")},
 }
 ARCHITECTURES = {"places256": PLACES256, "places512": PLACES512, "celeba": PLACES256}
-MODELS = tuple(SOURCES)
+MODELS = OFFICIAL_MODELS
 
 # What each model leaves behind in its file, by reason (prefixes, or globs with a `*`).
 LOSSES = ("loss.", "loss_fstg.")
@@ -167,11 +182,13 @@ def import_official(checkpoints: Path, model: str, runs: Path, params: dict, *, 
                     arch: Architecture | None = None) -> str:
     """Import the released `model` (places256 | places512 | celeba) from the folder of their
     .ckpt files into runs/<stage>/final; returns the summary (what was kept and dropped).
-    `arch` replaces the released sizes (tests import reduced-width files this way)."""
+    `arch` replaces the released sizes, else pretrained.architecture's file does if set (tests
+    import reduced-width files this way)."""
     if model not in SOURCES:
         raise ValueError(f"unknown released model {model!r} (known: {', '.join(MODELS)})")
     checkpoints, runs = Path(checkpoints), Path(runs)
-    models = build_models(params, arch or ARCHITECTURES[model])
+    sizes = section(params, "pretrained").architecture
+    models = build_models(params, arch or (Architecture.load(sizes) if sizes else ARCHITECTURES[model]))
     states: dict[Path, tuple[dict[str, torch.Tensor], list[str]]] = {}
     taken: dict[str, Taken] = {}
     summaries: list[str] = []
@@ -188,7 +205,8 @@ def import_official(checkpoints: Path, model: str, runs: Path, params: dict, *, 
     for stage in STAGES:
         load_taken(models[stage], taken.pop(stage).weights)
         source = checkpoints / SOURCES[model][stage][0]
-        final = export_final(runs / stage, stage, {stage: models.pop(stage)}, source=str(source))
+        final = export_final(runs / stage, stage, {stage: models.pop(stage)}, source=str(source), official_model=model,
+                             source_bytes=source.stat().st_size)
         lines.append(f"  {stage}: {final}")
     lines.append("what each model took (everything else listed, nothing dropped silently):")
     lines += [f"  {line}" for s in summaries for line in s.splitlines()]

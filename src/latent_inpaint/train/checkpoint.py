@@ -11,6 +11,7 @@
                                   (one parameter digest per rank, checked equal)
     <run_dir>/metrics.json        the final numbers: {"step", "world_size", "train", "eval"}
     <run_dir>/history.jsonl       the logged losses, one JSON line per logged step (the curves)
+    <run_dir>/curves.json         the same as one JSON list, a record per step (`dvc plots`, the report)
 
 Both folders are model folders (`saved`), replaced by its rename protocol. At start-up, under a
 lock file (so only one process trains in a run folder), what a kill left half-swapped is undone.
@@ -38,6 +39,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from ..files import atomic_write
+from ..layout import CURVES
 from ..saved import (CONFIG, FINAL, CheckpointMismatch, fsync, jsonable, load_weights, read_json, recover, spec_of,
                      staging, write_model)
 from .distributed import Distributed, seed_everything
@@ -134,9 +136,27 @@ def save_checkpoint(run_dir: Path, info: dict, modules, optimizers, d: Distribut
     d.barrier()
 
 
+def history(run_dir: Path) -> list[dict]:
+    """Logged losses of a run, the last record of each step (a resumed run repeats steps)."""
+    records: dict[int, dict] = {}
+    path = run_dir / HISTORY
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            records[record["step"]] = record
+    return [records[s] for s in sorted(records)]
+
+
 def write_final(run_dir: Path, info: dict, modules, metrics: dict) -> None:
-    """metrics.json and final/ (rank 0 alone)."""
+    """metrics.json, curves.json and final/ (rank 0 alone)."""
     atomic_write(run_dir / METRICS, (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
+    records = history(run_dir)
+    fields = list(dict.fromkeys(k for r in records for k in r))  # dvc plots reads the fields of the first
+    curves = [{k: r.get(k) for k in fields} for r in records]  # record alone: null where a step lacks one
+    atomic_write(run_dir / CURVES, (json.dumps(curves, indent=1) + "\n").encode())
     with staging(run_dir, FINAL) as tmp:
         write_model(tmp, {k: v for k, v in info.items() if k != "losses"} | {"metrics": metrics}, modules)
 
@@ -170,7 +190,7 @@ def set_aside_if_changed(run_dir: Path, stage_name: str, ident: dict) -> None:
         previous = run_dir / PREVIOUS
         shutil.rmtree(previous, ignore_errors=True)
         previous.mkdir()
-        for name in (FINAL, CHECKPOINT, METRICS, HISTORY):
+        for name in (FINAL, CHECKPOINT, METRICS, HISTORY, CURVES):
             if (run_dir / name).exists():
                 os.rename(run_dir / name, previous / name)
         fsync(run_dir)

@@ -43,11 +43,13 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import TrackingConfig, TrainConfig, section, to_dict
+from ..saved import FINAL
 from ..tracking import stage_run, tracking_config
 from .checkpoint import (CHECKPOINT, HISTORY, exclusive, finished, identity, resume, save_checkpoint,
                          set_aside_if_changed, write_final)
 from .distributed import DDP, Distributed, StopRequests, param_digest, seed_everything
-from .step import Meter, counts, inference, only_trainable, precision_for, to_device
+from ..precision import precision_for
+from .step import Meter, counts, inference, only_trainable, to_device
 
 
 class Stage(Protocol):
@@ -272,6 +274,7 @@ def _train(stage, cfg, steps, run_dir, tracking, params, d: Distributed, ident: 
         if d.main:
             write_final(run_dir, {**info, "step": steps, "rank_digests": digests}, modules, metrics)
             tracker.log_dict(metrics, "metrics.json")
+            tracker.log_weights(run_dir / FINAL)
         return d.broadcast(metrics)  # rank 0 alone evaluated
 
 
