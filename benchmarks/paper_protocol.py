@@ -2,7 +2,7 @@
 
 The protocol (params.yaml + workflow/configs/paper.yaml): FID on evaluate.fid_images test images
 for each of the 3 mask types, one sample each; LPIPS diversity of evaluate.diversity_images box-
-masked images x evaluate.diversity_samples samples (all pairs); and each ablation of
+masked images x evaluate.diversity_samples samples (mean over all pairs); and each ablation of
 evaluate.ablations on the first evaluate.ablation_images images (box FID, one sample each).
 
 FLOPs are counted (torch.utils.flop_counter.FlopCounterMode) on the real inference modules at
@@ -10,7 +10,8 @@ the configuration, with random weights, at `--batch` images: the restrictive enc
 vanilla and miracle ones the ablations use), one transformer forward (a sampling step), the
 decoder's prior E_prt and its per-sample part (post_quant_conv + G), the VQGAN decoder of the
 vanilla-decoder ablation, the FID Inception-v3 (2048-d pool3, on the 299 px resize), LPIPS's VGG16
-pass per sample, and LPIPS's comparison of one pair of samples (metrics.diversity). Every count
+pass per sample, and the diversity's per-sample sums (metrics.diversity: the mean over all pairs
+from S sum a^2 - (sum a)^2, never forming a pair). Every count
 is linear in the batch, so the counts are given per image.
 
 The calls are counted for the batched inference path (Inpainter.encode / draw / decode): the
@@ -21,8 +22,8 @@ per-sample path that preceded it (every sample through every network) is counted
 GPU time = FLOPs / (peak x utilisation). Peaks are vendor figures (bf16 dense for the networks
 the inference runs under bf16 autocast; TF32 dense for Inception and LPIPS, which run their
 convolutions in fp32 with cuDNN's default TF32). The utilisation is an assumption, given as a
-range (UTILISATION); the pairs of the diversity metric are bound by memory traffic, not FLOPs,
-and are estimated from the bytes they move. Cross-check: each module's measured CPU time here
+range (UTILISATION); the diversity's sums are bound by memory traffic, not FLOPs, and are
+estimated from the bytes they move. Cross-check: each module's measured CPU time here
 times the CPU's matmul peak measured just before it gives the FLOPs it "costs" at matmul efficiency
 (non-matmul work included); scaled to the GPU's peak at the same utilisation that is a second
 estimate. Not counted: JPEG decoding, masks, hole L1/PSNR/SSIM on the host (timed here per
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -76,10 +76,11 @@ UTILISATION = {"low": {"transformer": 0.35, "convolutional": 0.20},
                "central": {"transformer": 0.50, "convolutional": 0.30},
                "high": {"transformer": 0.65, "convolutional": 0.40}}
 FAMILY = {"transformer_step": "transformer"}  # every other module: convolutional
-# LPIPS pairs (in the table at their FLOPs; their time from their bytes): per pair the features of both samples are gathered (read, written), differenced,
-# squared and weighted by the 1x1 heads: about this many fp32 passes over one sample's features.
-PAIR_PASSES = 6
-PAIR_BANDWIDTH_SHARE = 0.7  # of the HBM bandwidth an elementwise kernel chain sustains
+# The diversity's sums (in the table at their FLOPs; their time from their bytes): per sample its
+# features are read, widened to float64, squared and added to two running sums: about this many
+# fp32-sized passes over one sample's features.
+SUM_PASSES = 6
+SUM_BANDWIDTH_SHARE = 0.7  # of the HBM bandwidth an elementwise kernel chain sustains
 # The paper's own inference time (supplementary): one 256 px image on a V100 at batch 1, in ms,
 # and the V100's vendor peaks (the paper does not say which precision it ran).
 PAPER_V100_MS = {"encoder": 25, "sampling": 228, "decoder": 61}
@@ -150,18 +151,18 @@ def module_costs(params: dict, batch: int, device: torch.device) -> dict[str, di
     add("inception", lambda: fid.features(t["uint8"]))
     lpips = random_lpips(weights.vgg16).to(device)
     add("lpips_vgg", lambda: lpips.net(lpips.scaling_layer(x)))
-    # One pair: diversity() over 2 samples runs 2 VGG passes and compares 1 pair.
+    # diversity() over 2 samples runs 2 VGG passes and adds both samples to its sums: per sample, half.
     first = t["uint8"][0].numpy()
-    pair_counts, pair_s, _ = timed(lambda: diversity([first, first[::-1].copy()], lpips), device)
-    costs["lpips_pair"] = {"flops": pair_counts["Global"] - 2 * costs["lpips_vgg"]["flops"],
-                           "cpu_s": max(pair_s - 2 * costs["lpips_vgg"]["cpu_s"], 0.0),
-                           "bytes": PAIR_PASSES * 4 * lpips_feature_size(lpips, x[:1])}
+    two_counts, two_s, _ = timed(lambda: diversity([first, first[::-1].copy()], lpips), device)
+    costs["lpips_sums"] = {"flops": (two_counts["Global"] - 2 * costs["lpips_vgg"]["flops"]) / 2,
+                           "cpu_s": max(two_s - 2 * costs["lpips_vgg"]["cpu_s"], 0.0) / 2,
+                           "bytes": SUM_PASSES * 4 * lpips_feature_size(lpips, x[:1])}
     costs["host_metrics"] = {"cpu_s": host_metrics_seconds(t["uint8"].numpy(), mask[:, 0].numpy())}
     return costs
 
 
 def lpips_feature_size(lpips, x: torch.Tensor) -> int:
-    """Values in one sample's five VGG feature maps, the tensors each pair compares."""
+    """Values in one sample's five VGG feature maps, the tensors the diversity's sums read."""
     with torch.no_grad():
         return sum(f[0].numel() for f in lpips.net(lpips.scaling_layer(x)))
 
@@ -195,7 +196,7 @@ def calls(params: dict, batched: bool) -> dict[str, dict[str, float]]:
     parts = {
         "fid (3 masks)": _sum(inpaint(n_fid * kinds, 1), {"inception": n_fid * kinds + n_fid}),
         "diversity (box)": _sum(inpaint(n_div, samples), {"lpips_vgg": n_div * samples,
-                                                           "lpips_pair": n_div * math.comb(samples, 2)}),
+                                                           "lpips_sums": n_div * samples}),
     }
     for name in ev.ablations:
         if name == "biharmonic":
@@ -215,7 +216,7 @@ def _sum(*counts: dict) -> dict:
     return out
 
 
-PRECISION = {"inception": "tf32", "lpips_vgg": "tf32", "lpips_pair": "tf32"}  # the rest: bf16
+PRECISION = {"inception": "tf32", "lpips_vgg": "tf32", "lpips_sums": "tf32"}  # the rest: bf16
 
 
 def paper_anchor(costs: dict, steps: int) -> dict:
@@ -230,7 +231,7 @@ def paper_anchor(costs: dict, steps: int) -> dict:
 
 def estimate(costs: dict, parts: dict) -> dict:
     """Seconds on the H100 per part and in all, at each utilisation, from counted FLOPs and from
-    the CPU cross-check; the pairs' memory-bound time separately."""
+    the CPU cross-check; the diversity sums' memory-bound time separately."""
     gpu = {}
     for level, u in UTILISATION.items():
         per_part, cross, per_module = {}, {}, {}
@@ -238,9 +239,9 @@ def estimate(costs: dict, parts: dict) -> dict:
             flops_s = cross_s = 0.0
             for module, n in count.items():
                 peak = H100[PRECISION.get(module, "bf16")] * u[FAMILY.get(module, "convolutional")]
-                if module == "lpips_pair":  # bound by the bytes it moves, not its FLOPs
+                if module == "lpips_sums":  # bound by the bytes it moves, not its FLOPs
                     seconds = n * max(costs[module]["flops"] / peak,
-                                      costs[module]["bytes"] / (H100["bandwidth"] * PAIR_BANDWIDTH_SHARE))
+                                      costs[module]["bytes"] / (H100["bandwidth"] * SUM_BANDWIDTH_SHARE))
                     cross_s += seconds
                 else:
                     seconds = n * costs[module]["flops"] / peak
@@ -289,10 +290,10 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         f"The per-sample path (every network once per sample): {per:.1f} min, central. Where the time goes, "
-        "central: " + ", ".join(f"{m} {s / 60:.1f} min" for m, s in where) + ". The LPIPS pairs "
-        f"({result['protocol']['diversity_samples']} samples: all pairs) are estimated from the bytes they "
-        f"move ({PAIR_PASSES} fp32 passes over a sample's VGG features at {PAIR_BANDWIDTH_SHARE:.0%} of HBM "
-        "bandwidth), not their FLOPs.",
+        "central: " + ", ".join(f"{m} {s / 60:.1f} min" for m, s in where) + ". The diversity's sums "
+        f"({result['protocol']['diversity_samples']} samples an image, the mean over all pairs without forming "
+        f"one) are estimated from the bytes they move ({SUM_PASSES} fp32 passes over a sample's VGG features at "
+        f"{SUM_BANDWIDTH_SHARE:.0%} of HBM bandwidth), not their FLOPs.",
         "",
         "The utilisation the paper's own V100 timings (batch 1, 314 ms an image) imply for these counts: "
         + ", ".join(f"{part} {a['ms']} ms = {a['utilisation_fp32']:.0%} of the fp32 peak "
