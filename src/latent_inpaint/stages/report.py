@@ -95,6 +95,7 @@ def weights_used(runs_dir: Path, models: list[str]) -> str:
     """Which weights the numbers come from: per model folder of runs_dir that exists, trained here
     or imported (from which file), and its weight files with sizes and sha256 (config.json's)."""
     lines = ["### Weights used", "", "| model | origin | weight files |", "|---|---|---|"]
+    code = commit(Path.cwd())  # the same for every model trained here: ask git once
     for config in (runs_dir / m / "final" / "config.json" for m in models):
         if not config.is_file():
             continue
@@ -104,7 +105,7 @@ def weights_used(runs_dir: Path, models: list[str]) -> str:
             size = f" ({info['source_bytes']:,} bytes)" if "source_bytes" in info else ""
             origin = f"imported: {released}{info['imported_from']}{size}"
         else:
-            origin = f"trained here: {info.get('step')} steps, code at commit {commit(Path.cwd())}"
+            origin = f"trained here: {info.get('step')} steps, code at commit {code}"
         files = "; ".join(f"{name} {(config.parent / name).stat().st_size:,} bytes, sha256 {digest[:16]}"
                           for name, digest in sorted(info.get("files", {}).items()))
         lines.append(f"| {config.parent.parent.name} | {origin} | {files} |")
