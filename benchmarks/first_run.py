@@ -50,6 +50,18 @@ def clone(dest: Path, rev: str | None) -> None:
             shutil.copy2(src, dest / name, follow_symlinks=False)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux): the same 2-core run takes 1.8x longer on some machines than on
+    others (README), so a wall time means little without it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def job_times(log: str) -> list[dict]:
     """[{"job": "ablation[variant=full]", "rule": "ablation", "start": s, "end": s}] from a
     Snakemake log, seconds since the first job started, in the order the jobs started."""
@@ -106,11 +118,11 @@ def main() -> None:
     for rule, seconds in per_rule.items():
         print(f"  {rule:20s} {seconds:7.0f} s")
     print(f"\nsnakemake --cores {args.cores} on a fresh clone ({args.rev or 'working tree'}): "
-          f"{wall:.0f} s = {wall / 60:.1f} min wall")
+          f"{wall:.0f} s = {wall / 60:.1f} min wall on {cpu_model()} ({os.cpu_count()} CPUs)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"rev": args.rev or "working tree", "cores": args.cores, "wall_s": wall,
-                                        "cpu_count": os.cpu_count(), "machine": platform.platform(),
+                                        "cpu_count": os.cpu_count(), "cpu": cpu_model(), "machine": platform.platform(),
                                         "jobs": jobs, "per_rule_s": per_rule}, indent=2) + "\n")
     if args.keep:
         print(f"project kept at {project}")
