@@ -117,12 +117,13 @@ def main() -> None:
     print("\nper rule (job wall times summed; jobs may overlap):")
     for rule, seconds in per_rule.items():
         print(f"  {rule:20s} {seconds:7.0f} s")
+    cpu = cpu_model()
     print(f"\nsnakemake --cores {args.cores} on a fresh clone ({args.rev or 'working tree'}): "
-          f"{wall:.0f} s = {wall / 60:.1f} min wall on {cpu_model()} ({os.cpu_count()} CPUs)")
+          f"{wall:.0f} s = {wall / 60:.1f} min wall on {cpu} ({os.cpu_count()} CPUs)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"rev": args.rev or "working tree", "cores": args.cores, "wall_s": wall,
-                                        "cpu_count": os.cpu_count(), "cpu": cpu_model(), "machine": platform.platform(),
+                                        "cpu_count": os.cpu_count(), "cpu": cpu, "machine": platform.platform(),
                                         "jobs": jobs, "per_rule_s": per_rule}, indent=2) + "\n")
     if args.keep:
         print(f"project kept at {project}")
