@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 CLUSTER = REPO / "workflow" / "slurm" / "local-cluster.sh"
 SLURM = (
     "snakemake", "--profile", "workflow/profiles/slurm",
-    # No slurmdbd on the test cluster, so sacct cannot answer; MinJobAge=300 keeps finished jobs in squeue.
+    # No slurmdbd on the test cluster, so sacct cannot answer; MinJobAge=3600 keeps finished jobs in squeue.
     "--slurm-status-command", "squeue",
     # The tiny jobs take seconds: poll every few seconds (the plugin's default first wait is 40 s).
     "--slurm-init-seconds-before-status-checks", "2",

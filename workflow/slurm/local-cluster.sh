@@ -10,7 +10,7 @@
 # It installs Debian's slurm-wlm and munge when they are missing (root, apt), starts munged,
 # slurmctld and slurmd with a slurm.conf written under $LOCAL_SLURM_DIR (default: .slurm/ in the
 # project), on free ports so that several checkouts can each run one. No accounting daemon: status
-# comes from squeue (MinJobAge keeps finished jobs visible for 5 minutes).
+# comes from squeue (MinJobAge keeps finished jobs visible for an hour).
 # Exit status 3 means "cannot run a cluster here" (no root, no apt, daemons refuse to start): the
 # message says why, and the tests skip with it.
 set -euo pipefail
