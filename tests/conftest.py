@@ -24,6 +24,30 @@ def params(*overrides: str) -> dict:
     return load_params([REPO / "params.yaml"], list(overrides))
 
 
+def seeded_runs(root: Path, size: int) -> Path:
+    """runs/{vqgan,encoder,transformer,decoder} of seeded, untrained models at `size` pixels, in
+    the layout training writes: a stand-in for trained runs where what the weights learned does
+    not matter."""
+    import torch
+
+    from latent_inpaint.decoder import InpaintDecoder
+    from latent_inpaint.encoder import build_encoder
+    from latent_inpaint.saved import export_final
+    from latent_inpaint.transformer import BidirectionalTransformer
+    from latent_inpaint.vqgan import VQModel
+
+    p = params(f"data.size={size}")
+    vq, enc, tf = section(p, "vqgan"), section(p, "encoder"), section(p, "transformer")
+    torch.manual_seed(0)
+    vqgan = VQModel(vq, size)
+    encoder = build_encoder("restrictive", vq, enc, size)
+    transformer = BidirectionalTransformer(tf, vqgan.quantize.embedding.weight.detach(), size // vqgan.factor)
+    decoder = InpaintDecoder(vq, size, enc.attn_resolutions)
+    for stage, model in {"vqgan": vqgan, "encoder": encoder, "transformer": transformer, "decoder": decoder}.items():
+        export_final(root / stage, stage, {stage: model}, "test")
+    return root
+
+
 def data_config(*overrides: str):
     return section(params(*overrides), "data")
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from pytorch_fid.inception import InceptionV3
 
-from conftest import params
+from conftest import params, seeded_runs
 from latent_inpaint.config import section
 from latent_inpaint.data.ingest import prepare, shard_images
 from latent_inpaint.evaluate.baseline import biharmonic_inpaint
@@ -343,6 +343,50 @@ def test_a_killed_evaluation_resumes_without_recomputing_finished_mask_types(tmp
     monkeypatch.setattr(evaluate, "biharmonic", stale)
     evaluate.run(p, "biharmonic", *args, out)
     assert stale.calls == 4
+
+
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # 3 images < 64 dims: singular by design
+def test_the_ablations_in_one_process_score_what_one_process_per_variant_scored(tmp_path, monkeypatch):
+    """`run_ablations` writes, per variant, the JSON that `run(..., ablation=True)` writes alone, while
+    loading the Inception network once and each distinct model once; killed in the last variant,
+    its rerun recomputes none of the variants before it. (Seeded untrained models: the numbers
+    need not be good, only the same.)"""
+    p = evaluation_set(tmp_path, 8, "evaluate.ablation_images=3", "sample.steps=2")
+    args = (seeded_runs(tmp_path / "runs", 32), tmp_path / "shards", tmp_path / "masks")
+    variants = ["full", "t0.5", "alpha0.25", "biharmonic"]
+    for v in variants:
+        evaluate.run(p, v, *args, tmp_path / "alone" / f"{v}.json", kinds=("box",), diversity=False, ablation=True)
+    alone = {v: json.loads((tmp_path / "alone" / f"{v}.json").read_text()) for v in variants}
+    assert len({json.dumps(r, sort_keys=True) for r in alone.values()}) == 4  # four different results
+
+    built, loads = [], []
+    monkeypatch.setattr(evaluate, "FID", lambda *a, **k: built.append(1) or FID(*a, **k))
+    from_runs = evaluate.Inpainter.from_runs
+    monkeypatch.setattr(evaluate.Inpainter, "from_runs", lambda *a, **k: loads.append(k) or from_runs(*a, **k))
+    out = tmp_path / "results" / "ablations"
+    summary = evaluate.run_ablations(p, variants, *args, out)
+    assert {v: json.loads((out / f"{v}.json").read_text()) for v in variants} == alone
+    assert len(built) == 1 and loads == [{}, {"alpha": 0.25}]  # t0.5 samples the model "full" loaded
+    assert summary.startswith("full: FID ") and summary.endswith(f"4 ablation(s) written to {out}")
+    assert not list(out.glob("*.partial"))
+
+    # Killed in the classical reference, the last: Snakemake deletes the job's outputs, and the
+    # rerun finds the three finished variants in their .partial files.
+    original = evaluate.biharmonic
+    monkeypatch.setattr(evaluate, "biharmonic", counting(original, fail_on_call=1))
+    with pytest.raises(Killed):
+        evaluate.run_ablations(p, variants, *args, tmp_path / "killed")
+    assert sorted(f.name for f in (tmp_path / "killed").iterdir()) == sorted(
+        [*(f"{v}.json" for v in variants[:3]), *(f"{v}.json.partial" for v in variants[:3])])
+    for f in (tmp_path / "killed").glob("*.json"):
+        f.unlink()
+    sampled, ours = [], evaluate.ours
+    monkeypatch.setattr(evaluate, "ours", lambda *a: sampled.append(counting(ours(*a))) or sampled[-1])
+    monkeypatch.setattr(evaluate, "biharmonic", counting(original))
+    summary = evaluate.run_ablations(p, variants, *args, tmp_path / "killed")
+    assert {v: json.loads((tmp_path / "killed" / f"{v}.json").read_text()) for v in variants} == alone
+    assert len(sampled) == 3 and not any(m.calls for m in sampled) and evaluate.biharmonic.calls == 1
+    assert summary.count("(resumed)") == 3 and not list((tmp_path / "killed").glob("*.partial"))
 
 
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # 7 images < 64 dims: singular by design

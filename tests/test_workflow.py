@@ -106,9 +106,13 @@ def test_dvc_yaml_is_generated_from_the_workflow_definition():
     assert (REPO / "dvc.yaml").read_text() == generated, "dvc.yaml is stale: python workflow/dag.py > dvc.yaml"
     stages = yaml.safe_load(generated)["stages"]
     sampler = "src/latent_inpaint/sampler.py"
-    assert {name for name, s in stages.items() if sampler in s["deps"]} == {
-        "report", "evaluate", *(f"ablation_{v}" for v in yaml.safe_load((REPO / "params.yaml").read_text())
-                                ["evaluate"]["ablations"])}
+    assert {name for name, s in stages.items() if sampler in s["deps"]} == {"report", "evaluate", "ablation"}
+    # One stage scores every ablation (one process), each its own metrics file; only vanilla_encoder's
+    # extra model is among its deps.
+    variants = yaml.safe_load((REPO / "params.yaml").read_text())["evaluate"]["ablations"]
+    assert [next(iter(m)) for m in stages["ablation"]["metrics"]] == [f"results/ablations/{v}.json" for v in variants]
+    assert "runs/encoder_vanilla" in stages["ablation"]["deps"]
+    assert "runs/encoder_vanilla" not in stages["report"]["deps"]
     assert "src/latent_inpaint/vqgan.py" in stages["decoder"]["deps"] and "runs/vqgan" in stages["decoder"]["deps"]
     assert stages["transformer"]["params"] == ["transformer", "train"]
 
@@ -321,14 +325,13 @@ def test_a_code_edit_reruns_exactly_the_rules_that_run_that_code(reproduced):
     assert "Nothing to be done" in sh(project, "snakemake", "--cores", "2", "--dry-run").stdout
     assert dvc_changed(project) == set()
     src = project / "src/latent_inpaint"
-    ablations = {f"ablation_{v}" for v in TINY["evaluate"]["ablations"]}
     sampling = {"evaluate", "ablation", "report", "all"}
     upstream_of_vqgan = {"default_data", "prepare", "masks"}
 
     # A real change to the sampler: sampling, evaluation and the report; no training.
     original = edit(src / "sampler.py", None, "\nEDITED_FOR_THE_TEST = True\n")
     assert planned(project) == sampling
-    assert dvc_changed(project) == {"evaluate", "report", *ablations}
+    assert dvc_changed(project) == {"evaluate", "report", "ablation"}
     (src / "sampler.py").write_text(original)
 
     # A real change to the VQGAN: every rule from the VQGAN on, none before it.
@@ -337,7 +340,7 @@ def test_a_code_edit_reruns_exactly_the_rules_that_run_that_code(reproduced):
     assert everything == {"vqgan", "tokens", "encoder", "transformer", "decoder", *sampling}
     assert not everything & upstream_of_vqgan
     assert dvc_changed(project) == {"vqgan", "tokens", "encoder", "transformer", "decoder", "evaluate", "report",
-                                    *ablations}
+                                    "ablation"}
 
     # Comments and docstrings only: Snakemake reruns nothing. DVC sees new bytes in the same
     # stages; its repro calls Snakemake, which writes nothing, and DVC records the new hashes.
@@ -402,7 +405,8 @@ def snakemake_report(project: Path, out: Path) -> dict[str, str]:
     """`snakemake --report` of a finished project: the results it lists, path -> caption."""
     sh(project, "snakemake", "--report", str(out))
     html = out.read_text()
-    return dict(re.findall(r'"([^"]+)": \{"name": "[^"]+", "filename"[^}]*?"caption": "((?:[^"\\]|\\.)*)"', html))
+    entry = r'"([^"]+)": \{"name": "[^"]+", "filename"(?:[^{}]|\{[^{}]*\})*?'  # labels are a {...} of their own
+    return dict(re.findall(entry + r'"caption": "((?:[^"\\]|\\.)*)"', html))
 
 
 def test_snakemake_report_lists_the_results_with_captions(reproduced, tmp_path):
@@ -412,7 +416,11 @@ def test_snakemake_report_lists_the_results_with_captions(reproduced, tmp_path):
                 *(f"results/ablations/{v}.json" for v in TINY["evaluate"]["ablations"])}
     assert set(results) == expected, results.keys()
     assert all(caption.startswith("<p>") for caption in results.values())
-    assert "t0.5" in results["results/ablations/t0.5.json"]  # the caption names its wildcard
+    # One job writes every ablation: each file's label names its variant.
+    html = (tmp_path / "report.html").read_text()
+    for v in TINY["evaluate"]["ablations"]:
+        assert f'"results/ablations/{v}.json": {{"name": "{v}.json", "filename": "{v}.json", ' \
+               f'"labels": {{"variant": "{v}"}}' in html
 
 
 def test_snakemake_report_in_a_browser(reproduced, tmp_path):

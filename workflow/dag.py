@@ -104,7 +104,8 @@ STAGES = {
     "evaluate": Stage("stages/evaluate.py", ("sample", "evaluate", "weights"), ("prepare", "masks", *MODEL),
                       (f"{RESULTS}/metrics.json", f"{RESULTS}/table1.md"), (f"{RESULTS}/table1.md",),
                       metrics=(f"{RESULTS}/metrics.json",), resources="infer"),
-    # One job per name in evaluate.ablations ({variant}); vanilla_encoder also needs encoder_vanilla.
+    # One job scores every name in evaluate.ablations, a file each ({variant}): one process loads the
+    # models and the real images' features once. vanilla_encoder also needs encoder_vanilla.
     "ablation": Stage("stages/evaluate.py", ("sample", "evaluate", "weights"), ("prepare", "masks", *MODEL),
                       (f"{RESULTS}/ablations/{{variant}}.json",), (),
                       metrics=(f"{RESULTS}/ablations/{{variant}}.json",),
@@ -135,25 +136,23 @@ def ablations(config: dict) -> list[str]:
 def pipeline(config: dict) -> dict[str, Stage]:
     """The rules this config runs. With pretrained.official, import_official in place of the
     training rules, what read their models reads the import, and the report draws no training
-    curves; encoder_vanilla only for its ablation."""
+    curves; encoder_vanilla only for its ablation; the ablation rule only for some ablation."""
     imported = bool(config["pretrained"]["official"])
-    extra = {EXTRA_NEEDS[v] for v in ablations(config) if v in EXTRA_NEEDS}
+    extra = tuple(dict.fromkeys(EXTRA_NEEDS[v] for v in ablations(config) if v in EXTRA_NEEDS))
     rules = {}
     for rule, stage in STAGES.items():
         if (rule == IMPORT and not imported) or (imported and rule in TRAINING):
             continue  # the import or the training, never both
-        if rule in EXTRA_NEEDS.values() and rule not in extra:
+        if (rule in EXTRA_NEEDS.values() and rule not in extra) or (rule == "ablation" and not ablations(config)):
             continue
+        if rule == "ablation":
+            stage = dataclasses.replace(stage, needs=(*stage.needs, *extra))
         if imported:
             needs = tuple(dict.fromkeys(IMPORT if need in TRAINING else need for need in stage.needs))
             files = {k: tuple(f for f in getattr(stage, k) if f != TRAINING_CURVES) for k in ("done", "outs", "made")}
             stage = dataclasses.replace(stage, needs=needs, **files)
         rules[rule] = stage
     return rules
-
-
-def ablation_needs(variant: str, config: dict) -> tuple[str, ...]:
-    return (*pipeline(config)["ablation"].needs, *([EXTRA_NEEDS[variant]] if variant in EXTRA_NEEDS else []))
 
 
 def ablation_files(config: dict) -> list[str]:
@@ -172,13 +171,13 @@ def targets(config: dict) -> list[str]:
     return files
 
 
-def inputs(rule: str, config: dict, variant: str | None = None) -> dict[str, str | list[str]]:
+def inputs(rule: str, config: dict) -> dict[str, str | list[str]]:
     """The files a rule reads, named by the rule that makes them: its `done` files (a list where
     it has several; every ablation's, for the report), and its `made` files as `<rule>_files`;
     `source` is the data folder, the default dataset or a data.source of the user's own."""
     files: dict[str, str | list[str]] = {}
     # A rule this config does not run (encoder_vanilla without its ablation) keeps its own needs.
-    for need in ablation_needs(variant, config) if variant else pipeline(config).get(rule, STAGES[rule]).needs:
+    for need in pipeline(config).get(rule, STAGES[rule]).needs:
         if need == "default_data":
             source = config["data"]["source"]
             files["source"] = STAGES[need].done[0] if source == "default" else source
@@ -284,8 +283,7 @@ def code_digest(rule: str, root: Path = ROOT) -> str:
 # ---------------------------------------------------------------------------------- dvc.yaml
 
 
-def _dvc_stage(rule: str, target: str, needs: tuple[str, ...], variant: str | None, config: dict,
-               root: Path) -> dict:
+def _dvc_stage(rule: str, target: str, needs: tuple[str, ...], config: dict, root: Path) -> dict:
     stage = STAGES[rule]
     deps = []
     for need in needs:
@@ -293,7 +291,7 @@ def _dvc_stage(rule: str, target: str, needs: tuple[str, ...], variant: str | No
             continue  # a data.source of the user's own: Snakemake reads it, DVC does not hash it
         deps += [o.format(variant=v) for o in (*STAGES[need].outs, *_own_metrics(need))
                  for v in (ablations(config) if need == "ablation" else [None])]
-    own = [m.format(variant=variant) for m in _own_metrics(rule)]
+    own = ablation_files(config) if rule == "ablation" else _own_metrics(rule)
     return {
         "cmd": f"sh {LAUNCHER} --cores all {target}",
         "deps": [*deps, *code_files(rule, root)],
@@ -336,16 +334,11 @@ def dvc_yaml(config: dict, root: Path = ROOT) -> str:
     training curves and the evaluation."""
     import yaml
 
-    variants = ablations(config)
     stages, rules = {}, []
     for rule, stage in pipeline(config).items():  # the rules of Snakemake's DAG
         rules.append(rule)
-        if rule == "ablation":
-            for v in variants:
-                target = stage.done[0].format(variant=v)
-                stages[f"ablation_{v}"] = _dvc_stage(rule, target, ablation_needs(v, config), v, config, root)
-        else:
-            stages[rule] = _dvc_stage(rule, stage.done[0], stage.needs, None, config, root)
+        target = " ".join(ablation_files(config)) if rule == "ablation" else stage.done[0]
+        stages[rule] = _dvc_stage(rule, target, stage.needs, config, root)
     inside = [m for r in rules for m in STAGES[r].metrics if _inside(m, STAGES[r].outs)]
     head = ("# Generated by `python workflow/dag.py > dvc.yaml` from workflow/dag.py and params.yaml: do not\n"
             "# edit. DVC versions what the Snakemake rules make; each stage's cmd is the Snakemake target of\n"

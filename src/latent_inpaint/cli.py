@@ -126,7 +126,14 @@ def cmd_evaluate(args) -> str:
 
     return evaluate.run(_params(args), args.variant, args.runs, args.shards, args.masks, args.out, table=args.table,
                         kinds=tuple(args.kinds), diversity=not args.no_diversity, baseline=args.baseline,
-                        ablation=args.ablation, device=args.device)
+                        device=args.device)
+
+
+def cmd_ablations(args) -> str:
+    from .stages import evaluate
+
+    return evaluate.run_ablations(_params(args), args.variants, args.runs, args.shards, args.masks, args.out,
+                                  device=args.device)
 
 
 def cmd_report(args) -> str:
@@ -256,11 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default="full", help=f"what to score: {ABLATIONS}")
     _folders(p, "runs", "shards", "masks", out=f"{layout.RESULTS}/metrics.json")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="mask types (default: all)")
-    p.add_argument("--no-diversity", action="store_true", help="skip the LPIPS diversity (ablations)")
+    p.add_argument("--no-diversity", action="store_true", help="skip the LPIPS diversity")
     p.add_argument("--baseline", action="store_true", help="also score the classical biharmonic reference")
-    p.add_argument("--ablation", action="store_true",
-                   help="score the first evaluate.ablation_images test images (the paper's Table 2 subset)")
     p.add_argument("--table", type=Path, help="also write the Markdown table here (default: none)")
+
+    p = command("ablations", cmd_ablations, "the ablations' FID and hole metrics (box mask) in one process", device)
+    p.add_argument("--variants", nargs="+", help=f"what to score: {ABLATIONS} (default: evaluate.ablations)")
+    _folders(p, "runs", "shards", "masks", out=f"{layout.RESULTS}/ablations")
 
     p = command("report", cmd_report, "results/report.md: tables, sample grids, training curves", device)
     _folders(p, "runs", "shards", "masks", results=layout.RESULTS)

@@ -258,7 +258,7 @@ class SampleConfig:
         check_choice("sample.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
 
 
-# The ablation variants `latent-inpaint evaluate --variant` and `evaluate.ablations` name.
+# The ablation variants `latent-inpaint evaluate --variant`, `ablations --variants` and `evaluate.ablations` name.
 ABLATIONS = ("full | t<temperature> (e.g. t0.5) | alpha<value> (e.g. alpha0.25) | vanilla_encoder | "
              "miracle_encoder | vanilla_decoder | biharmonic (the classical reference alone)")
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
-from dag import IMPORT, STAGES, code_digest, dvc_yaml, inputs, pipeline, skipped_ablations, targets  # noqa: E402
+from dag import (IMPORT, STAGES, ablation_files, code_digest, dvc_yaml, inputs, pipeline,  # noqa: E402
+                 skipped_ablations, targets)
 from latent_inpaint.config import ConfigError, validate  # noqa: E402
 from latent_inpaint.layout import LOGS  # noqa: E402
 from latent_inpaint.tracking import TRACKING_ENV, ensure_invocation  # noqa: E402
@@ -23,6 +24,7 @@ except ConfigError as exc:
 
 PROJECT = Path(workflow.basedir)
 RULES = pipeline(config)  # the rules this config runs (workflow/dag.py)
+ABLATIONS = ablation_files(config)  # results/ablations/<variant>.json, one per evaluate.ablations name
 # The project's one software environment, for `--sdm conda`; otherwise the active one (.venv).
 ENV = "../envs/latent-inpaint.yaml"
 TRAIN = config["train"]
@@ -41,7 +43,7 @@ if (PROJECT / "dvc.yaml").is_file() and (PROJECT / "dvc.yaml").read_text() != dv
 
 
 # What `snakemake --report` shows: the outputs of these rules that have a caption in
-# workflow/report/ (<file name>.rst; a wildcard output's is <rule>.rst), by category.
+# workflow/report/ (<file name>.rst; an ablation's is ablation.rst, its variant a label), by category.
 CAPTIONS = PROJECT / "workflow" / "report"
 SHOWN = {"masks": "Evaluation masks", "evaluate": "Evaluation", "ablation": "Ablations", "report": "Report"}
 
@@ -53,8 +55,10 @@ def shown(rule, files):
     marked = []
     for file in files:
         stem = Path(file).stem
-        caption = CAPTIONS / f"{rule if '{' in stem else stem}.rst"
-        marked.append(report(file, caption=str(caption), category=SHOWN[rule]) if caption.is_file() else file)
+        caption = CAPTIONS / f"{rule if rule == 'ablation' else stem}.rst"
+        labels = {"variant": stem} if rule == "ablation" else None
+        marked.append(report(file, caption=str(caption), category=SHOWN[rule], labels=labels)
+                      if caption.is_file() else file)
     return marked
 
 

@@ -1,6 +1,6 @@
 # Sampling and evaluation over the trained parts: these are the only rules that read `sample`,
-# so a sampling parameter reruns them and no training. Ablations are wildcards over already
-# trained parts (the vanilla encoder is the one extra training they need).
+# so a sampling parameter reruns them and no training. The ablations are variants of the already
+# trained parts (the vanilla encoder is the one extra training they need), scored in one job.
 
 
 rule evaluate:
@@ -27,27 +27,30 @@ rule evaluate:
         " 2>&1 | tee {log}"
 
 
-rule ablation:
-    input:
-        unpack(lambda wc: inputs("ablation", config, variant=wc.variant)),
-    output:
-        shown("ablation", STAGES["ablation"].done),
-    params:
-        cfg=sections("ablation"),
-        code=code("ablation"),
-        shards=lambda w, input: folder(input.prepare),
-        masks=lambda w, input: folder(input.masks[0]),
-        runs=lambda w, input: runs_folder(input),
-    log:
-        f"{LOGS}/ablation_{{variant}}.log",
-    conda:
-        ENV
-    resources:
-        **job_resources("ablation"),
-    shell:
-        "latent-inpaint evaluate --quiet --variant {wildcards.variant} --kinds box --no-diversity --ablation"
-        " --config-json {params.cfg:q} --runs {params.runs} --shards {params.shards} --masks {params.masks}"
-        " --out {output} 2>&1 | tee {log}"
+if ABLATIONS:  # one job for every ablation: imports, models and the real images' features loaded once
+
+    rule ablation:
+        input:
+            **inputs("ablation", config),
+        output:
+            shown("ablation", ABLATIONS),
+        params:
+            cfg=sections("ablation"),
+            code=code("ablation"),
+            variants=" ".join(Path(f).stem for f in ABLATIONS),
+            shards=lambda w, input: folder(input.prepare),
+            masks=lambda w, input: folder(input.masks[0]),
+            runs=lambda w, input: runs_folder(input),
+            out=lambda w, output: folder(output[0]),
+        log:
+            f"{LOGS}/ablation.log",
+        conda:
+            ENV
+        resources:
+            **job_resources("ablation"),
+        shell:
+            "latent-inpaint ablations --quiet --variants {params.variants} --config-json {params.cfg:q}"
+            " --runs {params.runs} --shards {params.shards} --masks {params.masks} --out {params.out} 2>&1 | tee {log}"
 
 
 rule report:

@@ -2,7 +2,8 @@
 mask sets, hole-region L1/PSNR and SSIM, and LPIPS diversity under the box mask; for our model
 and for a classical reference (biharmonic inpainting) that nobody here trained, on the first
 evaluate.baseline_images test images. Also the ablations (paper Tables 2 and 3): one variant of
-the trained model per name, see ABLATIONS.
+the trained model per name, see ABLATIONS, all in one process (`run_ablations`) that loads the
+Inception network, the real images' features and each distinct model once.
 
 Streaming: the test images are read, inpainted and scored evaluate.batch_size at a time; what
 stays is FID's FeatureStats (at most fid_dims^2 floats each), running sums of the hole metrics
@@ -168,20 +169,23 @@ def inputs_key(settings: Mapping, runs: Path, shards: Path, masks: Path) -> str:
 def evaluate_methods(methods: dict[str, Method], shards_dir: Path, masks_dir: Path, cfg: EvaluateConfig,
                      weights: WeightsConfig, device: str = "cpu", split: str = "test",
                      kinds: tuple[str, ...] = KINDS, with_diversity: bool = True,
-                     limits: Mapping[str, int] | None = None, progress: Progress | None = None) -> dict:
+                     limits: Mapping[str, int] | None = None, progress: Progress | None = None,
+                     fid: FID | None = None, real: dict[int, FeatureStats] | None = None) -> dict:
     """{method: {"<kind>": {"fid", "hole_l1", "hole_psnr", "ssim"}, "diversity": [mean, std]}},
     plus which numbers rest on stand-in weights and how many images each used. `limits`: at most
     that many images for a method (the baseline's subset); `progress`: parts already done are
-    taken from it, and each part is put there as it finishes."""
+    taken from it, and each part is put there as it finishes. `fid` and `real` (the real images'
+    features by image count, filled as they are computed) may be shared between calls on the
+    same split."""
     limits, progress = limits or {}, progress or Progress(None, "")
     available = len(split_keys(shards_dir, split))
     limits = {name: limits[name] for name in methods if name in limits}
     if min(available, cfg.fid_images, *limits.values()) < 2:
         raise ValueError(f"{shards_dir}: the {split} split has {available} image(s) (at most {cfg.fid_images}, "
                          f"{limits or 'no other limit'}); FID needs at least 2")
-    fid = FID(weights.inception, device=device, batch_size=cfg.batch_size, dims=cfg.fid_dims)
+    fid = fid or FID(weights.inception, device=device, batch_size=cfg.batch_size, dims=cfg.fid_dims)
     lpips = None
-    real: dict[int, FeatureStats] = {}  # by image count: the baseline's subset has its own
+    real = {} if real is None else real  # by image count: the baseline's subset has its own
     results: dict = {}
     for name, method in methods.items():
         results[name] = {}
@@ -249,17 +253,10 @@ def run(params: dict, variant: str, runs: Path, shards: Path, masks: Path, out: 
     if ablation:
         cfg = dataclasses.replace(cfg, fid_images=cfg.ablation_images)
     device = pick_device(device)
-    methods: dict[str, Method] = {}
-    if variant != "biharmonic":
-        options, variant_sample = parse_variant(variant, sample)
-        methods[OURS if variant == "full" else variant] = ours(Inpainter.from_runs(runs, device, **options),
-                                                                  variant_sample)
-    if baseline or variant == "biharmonic":
-        methods[BASELINE] = biharmonic
+    methods = variant_methods(variant, Path(runs), device, sample, baseline=baseline)
     # The run's params are the pipeline's; a variant's own setting is in its stage name.
     logged = {"sample": to_dict(sample), "evaluate": to_dict(cfg)}
-    settings = {"variant": variant, **logged, "weights": to_dict(weights), "device": str(device)}
-    progress = Progress(partial_path(out), inputs_key(settings, Path(runs), Path(shards), Path(masks)))
+    progress = Progress(partial_path(out), variant_key(variant, logged, weights, device, runs, shards, masks))
     with stage_run(f"evaluate_{variant.replace('.', '_')}", tracking_config(params), logged) as tracker:
         results = evaluate_methods(methods, Path(shards), Path(masks), cfg, weights, str(device), kinds=kinds,
                                    with_diversity=diversity, limits={BASELINE: cfg.baseline_images},
@@ -267,11 +264,7 @@ def run(params: dict, variant: str, runs: Path, shards: Path, masks: Path, out: 
         results["variant"] = variant
         write_metrics_json(out, results)
         progress.finish()
-        for method, r in results.items():
-            if isinstance(r, dict):
-                name = re.sub(r"[^\w\-. ]", "", method).strip()  # MLflow's allowed metric characters
-                tracker.log_metrics({f"{name}/{k}/{m}": v for k, ms in r.items() if isinstance(ms, dict)
-                                     for m, v in ms.items()})
+        log_scores(tracker, results)
         lines = []
         if table:
             rows, columns = table_rows(results)
@@ -282,6 +275,80 @@ def run(params: dict, variant: str, runs: Path, shards: Path, masks: Path, out: 
     if progress.resumed:
         lines.append(f"resumed {progress.resumed} finished part(s) from {partial_path(out)}")
     return "\n".join([*lines, f"metrics written to {out}"])
+
+
+def run_ablations(params: dict, variants: list[str] | None, runs: Path, shards: Path, masks: Path, out_dir: Path,
+                  *, device: str | None = None) -> str:
+    """Score ablation variants (default: evaluate.ablations; the paper's Tables 2 and 3) in one process:
+    for each, `<out_dir>/<variant>.json` with the numbers `run(params, variant, ..., kinds=("box",),
+    diversity=False, ablation=True)` writes. What no variant changes is done once: the imports,
+    the Inception network, the real images' features and each distinct model (the temperature
+    variants sample one). Every variant's finished parts stay in its `.partial` file until the
+    last JSON is written, so a rerun after a kill, which finds no JSON (Snakemake deletes a failed
+    job's outputs), recomputes none of them."""
+    cfg, sample, weights = (section(params, name) for name in ("evaluate", "sample", "weights"))
+    variants = list(variants or cfg.ablations)
+    cfg = dataclasses.replace(cfg, fid_images=cfg.ablation_images)
+    for variant in variants:  # a misspelt name fails now, not after minutes of the others
+        if variant != "biharmonic":
+            parse_variant(variant, sample)
+    device, out_dir = pick_device(device), Path(out_dir)
+    logged = {"sample": to_dict(sample), "evaluate": to_dict(cfg)}
+    fid = FID(weights.inception, device=str(device), batch_size=cfg.batch_size, dims=cfg.fid_dims)
+    real: dict[int, FeatureStats] = {}
+    loaded: dict[str, Inpainter] = {}
+    progresses, lines = [], []
+    with stage_run("ablations", tracking_config(params), logged) as tracker:
+        for variant in variants:
+            out = out_dir / f"{variant}.json"
+            methods = variant_methods(variant, Path(runs), device, sample, loaded=loaded)
+            progress = Progress(partial_path(out), variant_key(variant, logged, weights, device, runs, shards, masks))
+            results = evaluate_methods(methods, Path(shards), Path(masks), cfg, weights, str(device), kinds=("box",),
+                                       with_diversity=False, limits={BASELINE: cfg.baseline_images},
+                                       progress=progress, fid=fid, real=real)
+            results["variant"] = variant
+            write_metrics_json(out, results)
+            log_scores(tracker, results, f"{variant}/")
+            progresses.append(progress)
+            box = next(r["box"] for r in results.values() if isinstance(r, dict) and "box" in r)
+            lines.append(f"{variant}: FID {box['fid']:.2f}, hole PSNR {box['hole_psnr']:.2f} dB"
+                         + (" (resumed)" if progress.resumed else ""))
+        for progress in progresses:
+            progress.finish()
+    return "\n".join([*lines, f"{len(variants)} ablation(s) written to {out_dir}"])
+
+
+def variant_methods(variant: str, runs: Path, device, sample: SampleConfig, baseline: bool = False,
+                    loaded: dict[str, Inpainter] | None = None) -> dict[str, Method]:
+    """What one evaluation scores: the trained model as `variant` changes it ("full": as trained)
+    and, with `baseline` or variant "biharmonic", the classical reference. `loaded`: the models
+    by their load options, shared between calls."""
+    loaded = {} if loaded is None else loaded
+    methods: dict[str, Method] = {}
+    if variant != "biharmonic":
+        options, variant_sample = parse_variant(variant, sample)
+        key = json.dumps(options, sort_keys=True)
+        if key not in loaded:
+            loaded[key] = Inpainter.from_runs(runs, device, **options)
+        methods[OURS if variant == "full" else variant] = ours(loaded[key], variant_sample)
+    if baseline or variant == "biharmonic":
+        methods[BASELINE] = biharmonic
+    return methods
+
+
+def variant_key(variant: str, logged: dict, weights: WeightsConfig, device, runs: Path, shards: Path,
+                masks: Path) -> str:
+    settings = {"variant": variant, **logged, "weights": to_dict(weights), "device": str(device)}
+    return inputs_key(settings, Path(runs), Path(shards), Path(masks))
+
+
+def log_scores(tracker, results: dict, prefix: str = "") -> None:
+    """Every method's numbers as metrics `<prefix><method>/<kind>/<measure>`."""
+    for method, r in results.items():
+        if isinstance(r, dict):
+            name = re.sub(r"[^\w\-. ]", "", method).strip()  # MLflow's allowed metric characters
+            tracker.log_metrics({f"{prefix}{name}/{k}/{m}": v for k, ms in r.items() if isinstance(ms, dict)
+                                 for m, v in ms.items()})
 
 
 def images_title(images: dict) -> str:
