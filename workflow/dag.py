@@ -289,9 +289,8 @@ def _dvc_stage(rule: str, target: str, needs: tuple[str, ...], config: dict, roo
     for need in needs:
         if need == "default_data" and config["data"]["source"] != "default":
             continue  # a data.source of the user's own: Snakemake reads it, DVC does not hash it
-        deps += [o.format(variant=v) for o in (*STAGES[need].outs, *_own_metrics(need))
-                 for v in (ablations(config) if need == "ablation" else [None])]
-    own = ablation_files(config) if rule == "ablation" else _own_metrics(rule)
+        deps += [*STAGES[need].outs, *_own_metrics(need, config)]
+    own = _own_metrics(rule, config)
     return {
         "cmd": f"sh {LAUNCHER} --cores all {target}",
         "deps": [*deps, *code_files(rule, root)],
@@ -305,8 +304,11 @@ def _inside(path: str, folders: tuple[str, ...]) -> bool:
     return any(path.startswith(f"{folder}/") for folder in folders)
 
 
-def _own_metrics(rule: str) -> list[str]:
-    """The rule's metrics files that are outputs of their own (not inside one of its folders)."""
+def _own_metrics(rule: str, config: dict) -> list[str]:
+    """The rule's metrics files that are outputs of their own (not inside one of its folders);
+    the ablation's, one per variant this config scores."""
+    if rule == "ablation":
+        return ablation_files(config)
     return [m for m in STAGES[rule].metrics if not _inside(m, STAGES[rule].outs)]
 
 

@@ -24,7 +24,7 @@ except ConfigError as exc:
 
 PROJECT = Path(workflow.basedir)
 RULES = pipeline(config)  # the rules this config runs (workflow/dag.py)
-ABLATIONS = ablation_files(config)  # results/ablations/<variant>.json, one per evaluate.ablations name
+ABLATION_FILES = ablation_files(config)  # results/ablations/<variant>.json, one per evaluate.ablations name
 # The project's one software environment, for `--sdm conda`; otherwise the active one (.venv).
 ENV = "../envs/latent-inpaint.yaml"
 TRAIN = config["train"]

@@ -27,17 +27,17 @@ rule evaluate:
         " 2>&1 | tee {log}"
 
 
-if ABLATIONS:  # one job for every ablation: imports, models and the real images' features loaded once
+if ABLATION_FILES:  # one job for every ablation: imports, models and the real images' features loaded once
 
     rule ablation:
         input:
             **inputs("ablation", config),
         output:
-            shown("ablation", ABLATIONS),
+            shown("ablation", ABLATION_FILES),
         params:
             cfg=sections("ablation"),
             code=code("ablation"),
-            variants=" ".join(Path(f).stem for f in ABLATIONS),
+            variants=" ".join(Path(f).stem for f in ABLATION_FILES),
             shards=lambda w, input: folder(input.prepare),
             masks=lambda w, input: folder(input.masks[0]),
             runs=lambda w, input: runs_folder(input),
