@@ -19,7 +19,7 @@ from loop_stage import IN, NO_TRACKING, OUT, TinyStage, train_config
 from latent_inpaint.config import TrackingConfig
 from latent_inpaint.saved import load_weights
 from latent_inpaint.train import CheckpointMismatch, scaled_lr, train
-from latent_inpaint.precision import precision_for, resolve_precision
+from latent_inpaint.precision import cpu_computes_bf16, precision_for, resolve_precision
 
 SCRIPT = Path(__file__).with_name("loop_stage.py")
 PYTHON = Path(sys.executable)
@@ -130,9 +130,12 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
 def test_bf16_autocast_on_cpu_and_fp32(tmp_path):
     bf16, fp32 = TinyStage(), TinyStage()
     train(bf16, train_config(precision="bf16"), 2, tmp_path / "a", NO_TRACKING, {}, device="cpu")
-    train(fp32, train_config(precision="auto"), 2, tmp_path / "b", NO_TRACKING, {}, device="cpu")
+    train(fp32, train_config(precision="fp32"), 2, tmp_path / "b", NO_TRACKING, {}, device="cpu")
     assert bf16.dtypes == {torch.bfloat16} and fp32.dtypes == {torch.float32}
     assert bf16.modules["gen"][0].weight.dtype == torch.float32  # autocast leaves the weights in fp32
+    # What ran is recorded with the weights, auto resolved (fp32 or bf16 by this CPU).
+    assert read_json(tmp_path / "a" / "final" / "config.json")["precision"] == "bf16"
+    assert read_json(tmp_path / "b" / "final" / "config.json")["precision"] == "fp32"
 
 
 class WithExtras(TinyStage):
@@ -298,23 +301,41 @@ def test_a_ddp_wrapper_reads_its_modules_attributes_through():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("device_type, capability, expected", [
-    ("cpu", None, "fp32"),
-    ("cuda", (7, 0), "fp16"),  # V100, the paper's GPU: no bf16 tensor cores
-    ("cuda", (7, 5), "fp16"),  # T4
-    ("cuda", (8, 0), "bf16"),  # A100
-    ("cuda", (9, 0), "bf16"),  # H100
+@pytest.mark.parametrize("device_type, capability, cpu_bf16, expected", [
+    ("cpu", None, False, "fp32"),
+    ("cpu", None, True, "bf16"),  # AVX512-BF16 or AMX: oneDNN's bf16 kernels beat fp32
+    ("mps", None, True, "fp32"),
+    ("cuda", (7, 0), False, "fp16"),  # V100, the paper's GPU: no bf16 tensor cores
+    ("cuda", (7, 5), False, "fp16"),  # T4
+    ("cuda", (8, 0), False, "bf16"),  # A100
+    ("cuda", (9, 0), False, "bf16"),  # H100
 ])
-def test_auto_precision_follows_the_device_capability(device_type, capability, expected):
-    assert resolve_precision("auto", device_type, capability) == expected
+def test_auto_precision_follows_the_device_capability(device_type, capability, cpu_bf16, expected):
+    assert resolve_precision("auto", device_type, capability, cpu_bf16=cpu_bf16) == expected
+    # Inference on a CPU stays fp32 (a batched sample is bit for bit the one drawn alone); on a GPU
+    # it follows training.
+    inference = "fp32" if device_type != "cuda" else expected
+    assert resolve_precision("auto", device_type, capability, inference=True, cpu_bf16=cpu_bf16) == inference
     for explicit in ("bf16", "fp16", "fp32"):
-        assert resolve_precision(explicit, device_type, capability) == explicit
+        assert resolve_precision(explicit, device_type, capability, cpu_bf16=cpu_bf16) == explicit
+        assert resolve_precision(explicit, device_type, capability, inference=True) == explicit
 
 
-def test_precision_on_cpu_is_fp32_with_a_pass_through_scaler():
+def test_cpu_training_precision_follows_this_cpu_and_inference_is_fp32():
     autocast, scaler = precision_for("auto", torch.device("cpu"))
+    expected = torch.bfloat16 if cpu_computes_bf16() else torch.float32
     assert not scaler.is_enabled()
+    with autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == expected
+    autocast, scaler = precision_for("auto", torch.device("cpu"), inference=True)
     with autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
     loss = torch.ones((), requires_grad=True) * 3
     assert scaler.scale(loss) is loss
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads Linux's CPU flags")
+def test_cpu_bf16_is_what_the_cpu_flags_say():
+    flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+             for f in line.split(":", 1)[1].split()}
+    assert cpu_computes_bf16() == bool(flags & {"avx512_bf16", "amx_tile"})

@@ -97,7 +97,7 @@ class TrainConfig:
     seed: int
     grad_accum: int  # micro-batches per optimizer step
     workers: int  # data loader processes per rank
-    precision: str  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    precision: str  # auto (precision.resolve_precision: bf16 on Ampere+ or a bf16 CPU) | bf16 | fp16 | fp32
     log_every: int  # steps between logged losses
     checkpoint_every: int  # steps between atomic checkpoints (and at the end)
     image_every: int  # steps between logged pictures
@@ -248,7 +248,7 @@ class SampleConfig:
     seed: int
     sampler: str  # ours | official (the authors' sampler: sampler.sample_official)
     batch_size: int  # samples (of one or many images) through the transformer and decoder at once
-    precision: str  # as train.precision: auto (fp32 on CPU; bf16 + TF32 on Ampere+, fp16 before) | bf16 | fp16 | fp32
+    precision: str  # auto (fp32 on CPU; bf16 + TF32 on Ampere+, fp16 before) | bf16 | fp16 | fp32
 
     def __post_init__(self):
         for key in ("steps", "samples", "temperature", "anneal", "batch_size"):

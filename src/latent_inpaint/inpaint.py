@@ -86,8 +86,8 @@ class Inpainter:
         return cls(*parts, size=vqgan.resolution, device=device, refiner=refiner)
 
     def _precision(self, cfg: SampleConfig) -> contextlib.AbstractContextManager:
-        """sample.precision's autocast, decided as train.precision is (fp32 on CPU under auto)."""
-        return precision_for(cfg.precision, self.device)[0]()
+        """sample.precision's autocast (auto: fp32 on a CPU, as train.precision on a GPU)."""
+        return precision_for(cfg.precision, self.device, inference=True)[0]()
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, mask: torch.Tensor, cfg: SampleConfig) -> Encoded:

@@ -48,7 +48,7 @@ from ..tracking import stage_run, tracking_config
 from .checkpoint import (CHECKPOINT, HISTORY, exclusive, finished, identity, resume, save_checkpoint,
                          set_aside_if_changed, write_final)
 from .distributed import DDP, Distributed, StopRequests, param_digest, seed_everything
-from ..precision import precision_for
+from ..precision import device_precision, precision_for
 from .step import Meter, counts, inference, only_trainable, to_device
 
 
@@ -194,7 +194,9 @@ def _train(stage, cfg, steps, run_dir, tracking, params, d: Distributed, ident: 
     trained = [p for opt in optimizers.values() for g in opt.param_groups for p in g["params"]]
     every = {**frozen, **modules}  # what pictures() and evaluate() see
     autocast, scaler = precision_for(cfg.precision, d.device)
-    info = {"stage": stage.name, **ident, "steps": steps, "world_size": d.world_size, "resumed_from": resumed_from}
+    # What train.precision resolved to here (auto: by the GPU, or by the CPU's bf16 units).
+    info = {"stage": stage.name, **ident, "steps": steps, "world_size": d.world_size, "resumed_from": resumed_from,
+            "precision": device_precision(cfg.precision, d.device)}
     if not d.main:
         tracking = dataclasses.replace(tracking, enabled=False)
     meter, log_time = Meter(), 0.0
