@@ -133,9 +133,12 @@ def test_bf16_autocast_on_cpu_and_fp32(tmp_path):
     train(fp32, train_config(precision="fp32"), 2, tmp_path / "b", NO_TRACKING, {}, device="cpu")
     assert bf16.dtypes == {torch.bfloat16} and fp32.dtypes == {torch.float32}
     assert bf16.modules["gen"][0].weight.dtype == torch.float32  # autocast leaves the weights in fp32
-    # What ran is recorded with the weights, auto resolved (fp32 or bf16 by this CPU).
+    # What ran is recorded with the weights (for auto: what it resolved to on this machine).
     assert read_json(tmp_path / "a" / "final" / "config.json")["precision"] == "bf16"
     assert read_json(tmp_path / "b" / "final" / "config.json")["precision"] == "fp32"
+    train(TinyStage(), train_config(precision="auto"), 2, tmp_path / "c", NO_TRACKING, {}, device="cpu")
+    ran = read_json(tmp_path / "c" / "final" / "config.json")["precision"]
+    assert ran == ("bf16" if cpu_computes_bf16() else "fp32")
 
 
 class WithExtras(TinyStage):
