@@ -16,9 +16,10 @@ Step 1 is the warm-up, run under torch.utils.flop_counter.FlopCounterMode: its c
 model FLOPs of one step (forward and backward of every network the step runs, the frozen LPIPS
 and discriminator included; the optimizer's elementwise updates are not FLOPs it counts). The
 later steps are timed. FLOPs utilisation (MFU) = FLOPs per step / step time / the device's peak:
-on a CPU the best fp32 matmul rate measured here (`matmul_peak`), on a GPU the vendor's bf16
-dense figure (`VENDOR_PEAKS`). Every stage runs in a fresh subprocess, so its peak memory is its
-own (on a CPU the peak resident set, VmHWM; on a GPU torch's peak allocation). A CPU run also
+on a CPU the best matmul rate measured here in the steps' precision (`matmul_peak`: fp32, or bf16
+on a CPU with bf16 units), on a GPU the vendor's bf16 dense figure (`VENDOR_PEAKS`). Every stage
+runs in a fresh subprocess, so its peak memory is its own (on a CPU the peak resident set, VmHWM;
+on a GPU torch's peak allocation). A CPU run also
 scales each stage's counted FLOPs to its configured batch and gives the time of a step and of
 all its steps on one H100 at an assumed utilisation (`h100_estimate`).
 
@@ -70,7 +71,7 @@ from latent_inpaint.stages.transformer import TransformerStage, random_visible
 from latent_inpaint.stages.vqgan import VQGANStage
 from latent_inpaint.train.distributed import seed_everything
 from latent_inpaint.train.loop import _accumulate
-from latent_inpaint.precision import precision_for, resolve_precision
+from latent_inpaint.precision import device_precision, precision_for, resolve_precision
 from latent_inpaint.train.step import Meter, only_trainable, to_device
 from latent_inpaint.vqgan import VQModel
 from latent_inpaint.weights import STAND_IN_SEED, is_stand_in
@@ -229,9 +230,9 @@ def available_memory() -> int:
     raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
-def matmul_peak(device: torch.device, n: int = 2048, seconds: float = 2.0) -> float:
-    """The best fp32 matmul rate (FLOP/s) of n x n matrices on `device`, over `seconds`."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_peak(device: torch.device, n: int = 2048, seconds: float = 2.0, dtype: torch.dtype = torch.float32) -> float:
+    """The best matmul rate (FLOP/s) of n x n `dtype` matrices on `device`, over `seconds`."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:
         sync(device)
@@ -242,8 +243,9 @@ def matmul_peak(device: torch.device, n: int = 2048, seconds: float = 2.0) -> fl
     return best
 
 
-def device_peak(device: torch.device) -> tuple[float, str, str]:
-    """(peak FLOP/s, what it is, the device's name)."""
+def device_peak(device: torch.device, precision: str = "fp32") -> tuple[float, str, str]:
+    """(peak FLOP/s, what it is, the device's name); on a CPU in `precision`, what its steps run in
+    (bf16 where train.precision auto finds bf16 units)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, (peak, source) in VENDOR_PEAKS.items():
@@ -251,7 +253,9 @@ def device_peak(device: torch.device) -> tuple[float, str, str]:
                 return peak, f"vendor figure: {source}", name
         raise ValueError(f"no vendor peak listed for {name}: add it to VENDOR_PEAKS")
     name = cpu_name()
-    return matmul_peak(device), f"measured: best fp32 2048x2048 matmul, {torch.get_num_threads()} threads", name
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return (matmul_peak(device, dtype=dtype),
+            f"measured: best {precision} 2048x2048 matmul, {torch.get_num_threads()} threads", name)
 
 
 def cpu_name() -> str:
@@ -413,7 +417,8 @@ def main(argv: list[str] | None = None) -> dict:
 def measure(args: argparse.Namespace, device: torch.device, argv: list[str] | None) -> dict:
     """Every stage of `args.stages` in its own process; the results JSON written and returned."""
     load_before = os.getloadavg()
-    peak, peak_source, device_name = device_peak(device)
+    precision = device_precision(section(stage_params(args.width), "train").precision, device)
+    peak, peak_source, device_name = device_peak(device, precision)
     stages = {}
     for name in args.stages:
         r = stages[name] = summarise(run_isolated(name, args), peak)

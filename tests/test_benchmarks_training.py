@@ -56,6 +56,8 @@ def test_training_benchmark_at_reduced_width_gives_finite_positive_costs(tmp_pat
                                   "--threads", "1", "--stages", "vqgan", "decoder", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["peak_flops"] > 0 and "measured" in result["peak_source"]
+    # MFU against the peak of what the steps ran in (bf16 on a CPU with bf16 units, else fp32).
+    assert result["peak_source"].startswith(f"measured: best {result['stages']['vqgan']['precision']} 2048")
     for name, stage in result["stages"].items():
         _finite_positive(name, stage, ("flops_per_step", "step_s", "peak_memory_bytes", "mfu", "trained_parameters"))
         assert stage["mfu"] == pytest.approx(stage["flops_per_step"] / stage["step_s"] / result["peak_flops"])
