@@ -230,7 +230,8 @@ def available_memory() -> int:
     raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
-def matmul_peak(device: torch.device, n: int = 2048, seconds: float = 2.0, dtype: torch.dtype = torch.float32) -> float:
+def matmul_peak(device: torch.device, n: int = 2048, seconds: float = 2.0,
+                dtype: torch.dtype = torch.float32) -> float:
     """The best matmul rate (FLOP/s) of n x n `dtype` matrices on `device`, over `seconds`."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best, end = 0.0, time.perf_counter() + seconds
@@ -253,7 +254,7 @@ def device_peak(device: torch.device, precision: str = "fp32") -> tuple[float, s
                 return peak, f"vendor figure: {source}", name
         raise ValueError(f"no vendor peak listed for {name}: add it to VENDOR_PEAKS")
     name = cpu_name()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     return (matmul_peak(device, dtype=dtype),
             f"measured: best {precision} 2048x2048 matmul, {torch.get_num_threads()} threads", name)
 
